@@ -1,0 +1,75 @@
+"""One small registry type for every plug-in family (stages, sources, networks, recipes, ...).
+
+Members register with a decorator; families that live in other packages are also discovered through
+entry points (group ``distillery.<family>``), so ``pipeline`` never imports a plug-in by name.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """Unknown or duplicate registry member; the message lists what is available."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A name -> object mapping with decorator registration and lazy entry-point discovery."""
+
+    def __init__(self, family: str, entry_point_group: str | None = None) -> None:
+        self.family = family
+        self.entry_point_group = entry_point_group
+        self._members: dict[str, T] = {}
+        self._discovered = entry_point_group is None
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "name", None) or getattr(obj, "__name__")
+            existing = self._members.get(key)
+            if existing is not None and existing is not obj and _qualname(existing) != _qualname(obj):
+                raise RegistryError(f"{self.family} '{key}' is already registered by {_qualname(existing)}")
+            self._members[key] = obj
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> T:
+        return self.register(name)(obj)
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name not in self._members:
+                self._members[ep.name] = ep.load()
+
+    def get(self, name: str) -> T:
+        if name not in self._members:
+            self._discover()
+        try:
+            return self._members[name]
+        except KeyError:
+            raise RegistryError(
+                f"unknown {self.family} '{name}'; available: {', '.join(sorted(self.names())) or '(none)'}"
+            ) from None
+
+    def names(self) -> list[str]:
+        self._discover()
+        return sorted(self._members)
+
+    def __contains__(self, name: str) -> bool:
+        self._discover()
+        return name in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def _qualname(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
