@@ -86,7 +86,7 @@ def open_client(profile: str | None = None, config_path: str | os.PathLike[str] 
     config = load_config(config_path)
     settings = profile_settings(profile, config, options)
     kind = settings["kind"]
-    with dask.config.set(config.get("dask") or {}):
+    with dask.config.set(_flatten(config.get("dask") or {})):
         if kind == "local":
             kw = _auto_local(settings)
             with LocalCluster(**{k: v for k, v in kw.items() if v is not None}) as cluster, Client(cluster) as client:
@@ -135,6 +135,18 @@ def _local_gpu(settings: dict[str, Any]) -> Iterator[Any]:
     log.warning("dask-cuda not installed: one LocalCluster worker per GPU without device pinning")
     with LocalCluster(n_workers=n_gpu, threads_per_worker=1, resources={"GPU": 1}) as cluster, Client(cluster) as client:
         yield client
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: dask.config.set replaces whole subtrees given nested dicts."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 def cluster_has_resource(client: Any, resource: str) -> bool:

@@ -166,7 +166,11 @@ class Runner:
             upstream_forced = any(u in forced for u in step.inputs.values())
             if upstream_forced:
                 forced.add(step.name)  # force propagates downstream
-            res = self.run_stage(step, results, force=step.name in forced)
+            def started(path: Path, artifact_id: str, name: str = step.name) -> None:
+                run_record["stages"][name] = {"artifact_id": artifact_id, "path": str(path), "status": "running"}
+                write_json(self.out_dir / RUN_FILE, run_record)
+
+            res = self.run_stage(step, results, force=step.name in forced, on_start=started)
             results[step.name] = res
             run_record["stages"][step.name] = {
                 "artifact_id": res.artifact_id, "path": str(res.path), "status": res.status,
@@ -188,7 +192,8 @@ class Runner:
         fp = stage.fingerprint(step.params)
         return compute_artifact_id(stage.name, stage.version, params, input_ids, fp), input_ids, fp
 
-    def run_stage(self, step: ResolvedStage, results: dict[str, StageResult], force: bool = False) -> StageResult:
+    def run_stage(self, step: ResolvedStage, results: dict[str, StageResult], force: bool = False,
+                  on_start: Callable[[Path, str], None] | None = None) -> StageResult:
         stage = step.stage()
         t0 = time.perf_counter()
         artifact_id, input_ids, fingerprint = self.identify(step, results)
@@ -205,6 +210,8 @@ class Runner:
 
         inputs = {k: InputArtifact(results[v].path) for k, v in step.inputs.items()}
         path.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start(path, artifact_id)
         self.events.emit("stage_started", stage=step.name, artifact=path.name)
 
         tp = time.perf_counter()

@@ -1,0 +1,157 @@
+"""The ``distillery`` command line: run a pipeline manifest, inspect runs and artifacts."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.artifacts import Artifact
+from pipeline.config import ManifestError, load_manifest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distillery: curate, distill and validate image datasets on Dask.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log every event")) -> None:
+    if not verbose:  # before distributed is imported, so spawned workers inherit it too
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def run(
+    manifest: Path = typer.Argument(..., help="pipeline manifest (YAML)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. stages.shard.samples_per_shard=500"),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="cluster profile from dask_config.yaml"),
+    until: Optional[str] = typer.Option(None, "--until", help="run this stage and what it needs, then stop"),
+    force: Optional[List[str]] = typer.Option(None, "--force", help="re-run this stage (and everything downstream)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run (or resume) a pipeline: cached stages are skipped, interrupted ones finish their remaining shards."""
+    from pipeline.runner import RunError, Runner
+    from pipeline.cluster import ClusterError
+    from stages.sources import SourceError
+
+    try:
+        m = load_manifest(manifest, overrides or [])
+        with Runner(m, where=str(manifest), overrides=overrides or [], profile=cluster,
+                    show_progress=progress) as runner:
+            results = runner.run(until=until, force=force or [])
+    except (ManifestError, RunError, ClusterError, SourceError) as e:
+        _fail(str(e))
+        return
+    table = Table(title=f"{m.name} -> {m.output_dir}")
+    for col in ("stage", "status", "artifact", "in", "out", "rejected", "seconds"):
+        table.add_column(col)
+    for r in results:
+        c = r.counts
+        table.add_row(r.name, r.status, r.path.name, str(c.get("in", "")), str(c.get("out", "")),
+                      str(c.get("rejected", "")), f"{r.seconds:.1f}")
+    console.print(table)
+
+
+def stage_state(path: Path) -> tuple[str, str]:
+    art = Artifact(path)
+    if art.is_complete():
+        return "done", ""
+    parts = len(art.committed_parts())
+    plan = path / ".plan.pkl"
+    total = "?"
+    if plan.is_file():
+        with open(plan, "rb") as f:
+            total = str(len(pickle.load(f)))
+    return ("partial" if parts else "pending"), f"{parts}/{total} tasks"
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="a pipeline's output_dir")) -> None:
+    """Table of a run's stages: done / partial / pending, counts, time."""
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        _fail(f"{run_dir}: no run.json (not a distillery run directory)")
+    record = json.loads(record_path.read_text())
+    table = Table(title=f"{record['manifest'].get('name', '')}  ({run_dir})")
+    for col in ("stage", "state", "artifact", "in", "out", "rejected", "rejects by reason", "seconds"):
+        table.add_column(col)
+    for name in record["order"]:
+        info = record["stages"].get(name)
+        if info is None:
+            table.add_row(name, "pending", "", "", "", "", "", "")
+            continue
+        path = Path(info["path"])
+        state, detail = stage_state(path)
+        counts: dict[str, Any] = {}
+        secs = ""
+        if state == "done":
+            m = Artifact(path).manifest()
+            counts = m.counts
+            secs = f"{sum(v for k, v in m.timings.items() if k in ('plan_s', 'run_s', 'finalize_s')):.1f}"
+        reasons = ", ".join(f"{k}: {v}" for k, v in counts.get("rejected_by_reason", {}).items())
+        table.add_row(name, state if not detail else f"{state} ({detail})", path.name, str(counts.get("in", "")),
+                      str(counts.get("out", "")), str(counts.get("rejected", "")), reasons, secs)
+    console.print(table)
+
+
+@app.command()
+def show(artifact_dir: Path = typer.Argument(..., help="an artifact directory")) -> None:
+    """Summary of an artifact's manifest."""
+    try:
+        m = Artifact(artifact_dir).manifest()
+    except FileNotFoundError as e:
+        _fail(str(e))
+        return
+    console.print(f"[bold]{m.name}[/] ({m.stage} v{m.stage_version})  id {m.artifact_id[:16]}  {m.created}")
+    console.print(f"code {m.code_version}")
+    console.print(f"inputs: {m.inputs or '-'}")
+    console.print("params: " + json.dumps(m.params, sort_keys=True))
+    console.print("counts: " + json.dumps(m.counts, sort_keys=True))
+    if m.metrics:
+        console.print("metrics: " + json.dumps(m.metrics, sort_keys=True))
+    console.print("timings: " + ", ".join(f"{k}={v}s" for k, v in m.timings.items()))
+    n_files = sum(len(p.files) for p in m.parts) + len(m.files)
+    n_bytes = sum(f.bytes for p in m.parts for f in p.files) + sum(f.bytes for f in m.files)
+    console.print(f"{len(m.parts)} parts, {n_files} files, {n_bytes / 1e6:.1f} MB")
+
+
+@app.command()
+def stages() -> None:
+    """List the registered stages and sources."""
+    from pipeline.stage import STAGES
+    from stages.sources import SOURCES
+
+    console.print("stages: " + ", ".join(STAGES.names()))
+    console.print("sources: " + ", ".join(SOURCES.names()))
+
+
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, help="write here instead of stdout")) -> None:
+    """The JSON schema of artifact manifests."""
+    from pipeline.artifacts import manifest_json_schema
+    from pipeline.atomic import dumps_json, write_text
+
+    text = dumps_json(manifest_json_schema())
+    if out:
+        write_text(out, text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    app()
