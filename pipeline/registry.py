@@ -11,7 +11,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(KeyError, ValueError):
     """Unknown or duplicate registry member; the message lists what is available."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable

@@ -23,7 +23,7 @@ from pipeline.atomic import atomic_path, sha256_file, write_json
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
 from pipeline.events import EventLog
 from pipeline.progress import StageProgress
-from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Task, TaskContext
+from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Task, TaskContext
 
 PLAN_FILE = ".plan.pkl"
 RUN_FILE = "run.json"
@@ -37,7 +37,7 @@ class RunError(RuntimeError):
 class TaskSpec:
     """Everything a worker needs to run one task; small and picklable."""
 
-    stage_type: str
+    stage_cls: type  # pickled by reference: workers import the stage's module
     params: dict[str, Any]
     task: Task
     out_dir: str
@@ -68,7 +68,7 @@ def execute_task(spec: TaskSpec) -> PartRecord:
     marker = out_dir / ".parts" / f"{spec.task.id}.json"
     if marker.is_file():
         return PartRecord.model_validate_json(marker.read_text())
-    stage = STAGES.get(spec.stage_type)()
+    stage = spec.stage_cls()
     params = stage.Params.model_validate(spec.params)
     inputs = {k: InputArtifact(Path(v)) for k, v in spec.inputs.items()}
     ctx = TaskContext(out_dir, inputs, cache=_worker_cache())
@@ -285,7 +285,7 @@ class Runner:
                                  note="running on workers without them")
                 resources = None
         specs = [
-            TaskSpec(step.spec.stage_type, step.params.model_dump(mode="json"), t, str(path), {k: str(v.path) for k, v in inputs.items()})
+            TaskSpec(step.stage_cls, step.params.model_dump(mode="json"), t, str(path), {k: str(v.path) for k, v in inputs.items()})
             for t in pending
         ]
         keys = [f"{step.name}-{path.name[-12:]}-{t.id}" for t in pending]

@@ -39,7 +39,8 @@ SPLIT_ORDER = ("train", "val", "validation", "valid", "test")
 SHARD_SCHEMA = pa.schema([
     ("key", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
     ("label", pa.int32()), ("label_name", pa.string()), ("caption", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("offset", pa.int64()),
+    ("sha256", pa.string()),
     ("ext", pa.string()), ("source", pa.string()), ("original_width", pa.int32()),
     ("original_height", pa.int32()), ("original_bytes", pa.int64()), ("extra", pa.string()),
 ])
@@ -255,11 +256,11 @@ class ShardStage(Stage):
             members["cls"] = str(lid).encode()
         if ref.caption is not None:
             members["txt"] = ref.caption.encode("utf-8")
-        meta = {k: v for k, v in row.items() if v is not None and k != "extra"}
+        meta = {k: v for k, v in row.items() if v is not None and k not in ("extra", "shard")}
         if ref.extra:
             meta["extra"] = ref.extra
         members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-        tar.write_sample(key, members)
+        row["offset"] = tar.write_sample(key, members)
         return row
 
     # -- driver --------------------------------------------------------------------------------------

@@ -48,17 +48,21 @@ class TarShardWriter:
         self._f = fileobj
         self._written = 0
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: bytes) -> int:
+        """Append a member; returns the offset of its data in the tar (for random access later)."""
+        offset = self._written + BLOCK
         pad = -len(data) % BLOCK
         self._f.write(ustar_header(name, len(data)))
         self._f.write(data)
         if pad:
             self._f.write(b"\0" * pad)
         self._written += BLOCK + len(data) + pad
+        return offset
 
-    def write_sample(self, key: str, members: dict[str, bytes]) -> None:
-        for ext, data in members.items():
-            self.add(f"{key}.{ext}", data)
+    def write_sample(self, key: str, members: dict[str, bytes]) -> int:
+        """Write a sample's members in order; returns the data offset of the first (the image)."""
+        offsets = [self.add(f"{key}.{ext}", data) for ext, data in members.items()]
+        return offsets[0]
 
     def close(self) -> None:
         end = self._written + 2 * BLOCK

@@ -1,0 +1,205 @@
+"""The shard stage on every source kind, with corrupt inputs, duplicates, splits and resizing."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from stages.grid import read_at
+from conftest import CLASSES, jpeg_bytes, make_tree, run_pipeline, tree_bytes
+
+
+def shard_manifest(tmp: Path, source: dict, **params) -> dict:
+    return {"name": "t", "output_dir": str(tmp / "run"), "source": source,
+            "stages": [{"name": "shard", "params": {"samples_per_shard": 4, **params}}]}
+
+
+def check_invariants(art: Path) -> dict:
+    """What must hold for every shard artifact: in = out + rejected, files agree with the index."""
+    m = json.loads((art / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["in"] == c["out"] + c["rejected"]
+    index = pq.read_table(art / "index.parquet").to_pylist()
+    rejects = pq.read_table(art / "rejects.parquet").to_pylist()
+    assert len(index) == c["out"] and len(rejects) == c["rejected"]
+    assert len({r["key"] for r in index}) == len(index), "keys must be unique"
+    assert len({r["uid"] for r in index}) == len(index), "uids must be unique"
+    members: dict[str, bytes] = {}
+    for tar in sorted((art / "shards").rglob("*.tar")):
+        assert (tar.parent / f"{tar.stem}_stats.json").is_file(), "every tar has its done-marker"
+        with tarfile.open(tar) as tf:
+            for mem in tf:
+                members[mem.name] = tf.extractfile(mem).read()
+    import hashlib
+
+    for r in index:
+        data = members[f"{r['key']}.{r['ext']}"]
+        tar = art / "shards" / r["split"] / f"{r['shard']:05d}.tar"
+        assert read_at(tar, r["offset"], r["bytes"]) == data, "index offsets give random access"
+        assert hashlib.sha256(data).hexdigest() == r["sha256"] and len(data) == r["bytes"]
+        meta = json.loads(members[f"{r['key']}.json"])
+        assert meta["uid"] == r["uid"] and meta["source"] == r["source"]
+        if r["label"] is not None:
+            assert int(members[f"{r['key']}.cls"]) == r["label"]
+    # every file listed in the manifest exists with that hash
+    for part in m["parts"]:
+        for f in part["files"]:
+            assert (art / f["path"]).stat().st_size == f["bytes"]
+    return {"manifest": m, "index": index, "rejects": rejects}
+
+
+def test_folder_tree_with_splits_and_corrupt_files(tmp_path, client):
+    info = make_tree(tmp_path / "src", per_class=5)
+    res = run_pipeline(shard_manifest(tmp_path, {"kind": "folder", "path": str(tmp_path / "src")}), client)
+    art = res[0].path
+    out = check_invariants(art)
+    c = out["manifest"]["counts"]
+    assert c["in"] == info["n"] and c["rejected"] == 3
+    reasons = {r["source"]: r["reason"] for r in out["rejects"]}
+    for src, kind in info["bad"].items():
+        assert reasons[src].startswith(kind), reasons[src]
+    assert json.loads((art / "classes.json").read_text()) == sorted(CLASSES)
+    assert set(c["splits"]) == {"train", "test"}
+    assert c["splits"]["test"]["out"] == 3 * 6
+    # labels follow folder names; splits get their own shard folders
+    for r in out["index"]:
+        assert r["label_name"] == r["source"].split("/")[1]
+        assert r["split"] == r["source"].split("/")[0]
+        assert (art / "shards" / r["split"] / f"{r['shard']:05d}.tar").is_file()
+    assert (art / "samples.png").stat().st_size > 0
+
+
+def test_tar_archive_read_in_place_matches_folder(tmp_path, client):
+    make_tree(tmp_path / "src", per_class=3, corrupt=True)
+    archive = tmp_path / "data.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(tmp_path / "src", arcname="mydata")  # a wrapping folder is not a class
+    r_tar = run_pipeline(shard_manifest(tmp_path / "a", {"kind": "tar", "path": str(archive)}), client)[0]
+    r_dir = run_pipeline(shard_manifest(tmp_path / "b", {"kind": "folder", "path": str(tmp_path / "src")}), client)[0]
+    t, d = check_invariants(r_tar.path), check_invariants(r_dir.path)
+    assert t["manifest"]["counts"]["rejected"] == 3
+    strip = lambda rows: sorted((r["label_name"], r["split"], r["sha256"]) for r in rows)  # noqa: E731
+    assert strip(t["index"]) == strip(d["index"])
+
+
+def test_table_source_csv_and_parquet_with_missing_path(tmp_path, client):
+    import pyarrow as pa
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rows = []
+    for i in range(7):
+        (img_dir / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        rows.append({"path": f"imgs/{i}.jpg", "caption": f"a photo number {i}", "label": ["x", "y"][i % 2],
+                     "aesthetic": 0.5 + i})
+    rows.append({"path": "imgs/missing.jpg", "caption": "gone", "label": "x", "aesthetic": 0.0})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("path,caption,label,aesthetic\n" + "\n".join(
+        f"{r['path']},{r['caption']},{r['label']},{r['aesthetic']}" for r in rows))
+    for name in ("t.parquet", "t.csv"):
+        res = run_pipeline(shard_manifest(tmp_path / f"run-{name}", {"kind": "table", "path": str(tmp_path / name)}), client)
+        out = check_invariants(res[0].path)
+        assert out["manifest"]["counts"] == {**out["manifest"]["counts"], "in": 8, "out": 7, "rejected": 1}
+        assert out["rejects"][0]["reason"].startswith("missing file")
+        by_src = {r["source"].split(":", 1)[1]: r for r in out["index"]}
+        assert by_src["imgs/3.jpg"]["caption"] == "a photo number 3"
+        assert by_src["imgs/3.jpg"]["label_name"] == "y"
+        assert json.loads(by_src["imgs/3.jpg"]["extra"]) == {"aesthetic": 3.5}
+
+
+def test_webdataset_resharding_keeps_labels_and_captions(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=4, splits=("train",), corrupt=False)
+    first = run_pipeline(shard_manifest(tmp_path / "a", {"kind": "folder", "path": str(src)}, samples_per_shard=5), client)[0]
+    a = check_invariants(first.path)
+    res = run_pipeline(shard_manifest(tmp_path / "b", {"kind": "webdataset", "path": str(first.path / "shards" / "train")},
+                                      samples_per_shard=7), client)[0]
+    b = check_invariants(res.path)
+    assert b["manifest"]["counts"]["out"] == a["manifest"]["counts"]["out"]
+    assert sorted((r["sha256"], r["label_name"]) for r in a["index"]) == sorted((r["sha256"], r["label_name"]) for r in b["index"])
+    assert b["manifest"]["counts"]["shards"] == -(-a["manifest"]["counts"]["out"] // 7)
+
+
+def test_exact_duplicates_removed_and_reported(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=3, splits=("train",), corrupt=False)
+    dup = (src / "train" / "cat" / "0000.jpg").read_bytes()
+    (src / "train" / "dog" / "copy_of_cat.jpg").write_bytes(dup)
+    (src / "train" / "frog" / "copy2.jpg").write_bytes(dup)
+    res = run_pipeline(shard_manifest(tmp_path, {"kind": "folder", "path": str(src)}, dedup=True), client)[0]
+    out = check_invariants(res.path)
+    dups = pq.read_table(res.path / "duplicates.parquet").to_pylist()
+    assert sorted(d["source"] for d in dups) == ["train/dog/copy_of_cat.jpg", "train/frog/copy2.jpg"]
+    assert {d["duplicate_of_source"] for d in dups} == {"train/cat/0000.jpg"}
+    assert out["manifest"]["counts"]["rejected_by_reason"] == {"duplicate": 2}
+    assert len({r["sha256"] for r in out["index"]}) == len(out["index"])
+
+
+def test_resize_reencodes_and_records_original_size(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=2, splits=("train",), corrupt=False, size=64)
+    res = run_pipeline(shard_manifest(tmp_path, {"kind": "folder", "path": str(src)},
+                                      resize={"mode": "center_crop", "size": 24, "format": "jpg", "quality": 80}), client)[0]
+    out = check_invariants(res.path)
+    for r in out["index"]:
+        assert (r["width"], r["height"]) == (24, 24)
+        assert (r["original_width"], r["original_height"]) == (64, 64)
+        assert r["ext"] == "jpg"
+
+
+def test_byte_cap_closes_shards(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=4, splits=("train",), corrupt=False)
+    res = run_pipeline(shard_manifest(tmp_path, {"kind": "folder", "path": str(src)}, samples_per_shard=1000,
+                                      shard_bytes=3000), client)[0]
+    out = check_invariants(res.path)
+    assert out["manifest"]["counts"]["shards"] > 1
+    for part in out["manifest"]["parts"]:
+        assert part["info"]["bytes"] < 3000 + 2000  # closes at the first sample past the cap
+
+
+def test_missing_and_empty_sources_fail_before_work(tmp_path, client):
+    from pipeline.config import ManifestError
+    from stages.sources import SourceError
+
+    with pytest.raises(SourceError, match="does not exist"):
+        run_pipeline(shard_manifest(tmp_path / "a", {"kind": "folder", "path": str(tmp_path / "nope")}), client)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("no images here")
+    with pytest.raises(SourceError, match="contains no images"):
+        run_pipeline(shard_manifest(tmp_path / "b", {"kind": "folder", "path": str(tmp_path / "empty")}), client)
+    with pytest.raises(ManifestError, match=r"stages\[shard\]\.params\.source"):
+        run_pipeline(shard_manifest(tmp_path / "c", {"kind": "nosuchkind"}), client)
+    assert not list((tmp_path / "a" / "run").glob("shard-*/shards"))
+
+
+def test_outputs_are_deterministic_and_cached(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=4)
+    m1 = shard_manifest(tmp_path / "one", {"kind": "folder", "path": str(src)})
+    r1 = run_pipeline(m1, client)[0]
+    r2 = run_pipeline(shard_manifest(tmp_path / "two", {"kind": "folder", "path": str(src)}), client)[0]
+    assert r1.artifact_id == r2.artifact_id
+    assert tree_bytes(r1.path) == tree_bytes(r2.path)
+    again = run_pipeline(m1, client)[0]
+    assert again.status == "cached" and again.path == r1.path
+    changed = run_pipeline(m1, client, overrides=["stages.shard.samples_per_shard=3"])[0]
+    assert changed.status == "ran" and changed.artifact_id != r1.artifact_id
+    forced = run_pipeline(m1, client, force=["shard"])[0]
+    assert forced.status == "ran" and tree_bytes(forced.path) == tree_bytes(r2.path)
+    # the source changed on disk: a new artifact, not a stale cache hit
+    (src / "train" / "cat" / "new.jpg").write_bytes(jpeg_bytes(424242))
+    assert run_pipeline(m1, client)[0].artifact_id != r1.artifact_id
+
+
+def test_quickstart_digits_source(tmp_path, client):
+    res = run_pipeline({"name": "q", "output_dir": str(tmp_path / "run"), "source": {"kind": "sklearn-digits"},
+                        "stages": [{"name": "shard", "params": {"samples_per_shard": 500}}]}, client)[0]
+    out = check_invariants(res.path)
+    c = out["manifest"]["counts"]
+    assert c["in"] == c["out"] == 1797
+    assert c["splits"]["test"]["out"] == 1797 // 5
+    assert json.loads((res.path / "classes.json").read_text()) == [str(i) for i in range(10)]
