@@ -160,9 +160,12 @@ class Runner:
             "overrides": self.overrides, "order": [s.name for s in self.steps], "started": now_iso(),
             "code_version": code_version(), "stages": {},
         }
+        selected = self.selected(until)
+        for step in selected:  # fail on a missing source before any work starts
+            step.stage().validate(step.params)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.events.emit("run_started", manifest=self.where, stages=[s.name for s in self.steps])
-        for step in self.selected(until):
+        for step in selected:
             upstream_forced = any(u in forced for u in step.inputs.values())
             if upstream_forced:
                 forced.add(step.name)  # force propagates downstream

@@ -148,6 +148,9 @@ class Stage:
     # whether the pipeline manifest's top-level ``source:`` is injected as ``params.source``
     takes_source: ClassVar[bool] = False
 
+    def validate(self, params: StageParams) -> None:
+        """Cheap checks of external inputs, run for every stage before any stage starts work."""
+
     def fingerprint(self, params: StageParams) -> str:
         """Identity of external inputs (a source's files) folded into the artifact id."""
         return ""

@@ -152,6 +152,9 @@ class ShardStage(Stage):
     Params = ShardParams
     takes_source = True
 
+    def validate(self, params: ShardParams) -> None:  # type: ignore[override]
+        make_source(params.source).check()
+
     def fingerprint(self, params: ShardParams) -> str:  # type: ignore[override]
         return make_source(params.source).fingerprint()
 

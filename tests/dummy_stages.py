@@ -36,3 +36,32 @@ class CountLabels(Stage):
     def finalize(self, parts, params, ctx) -> Summary:
         n = sum(p.info["n"] for p in parts)
         return Summary(counts={"in": n, "out": n, "rejected": 0})
+
+
+class NoParams(StageParams):
+    tasks: int = 8
+
+
+@STAGES.register("model-per-worker")
+class ModelPerWorker(Stage):
+    """Loads a 'model' through ctx.cached and reports which instance each task saw; asks for a GPU."""
+
+    name = "model-per-worker"
+    Params = NoParams
+    resources = {"GPU": 1}
+
+    def plan(self, inputs, params, ctx):
+        return [Task(id=f"{i:03d}") for i in range(params.tasks)]
+
+    def run(self, task, params, ctx):
+        import os
+        import uuid
+
+        model_id = ctx.cached("model", lambda: f"{os.getpid()}-{uuid.uuid4().hex}")
+        with open(ctx.output(f"{task.id}.txt"), "w") as f:
+            f.write(model_id)
+        return {"model": model_id}
+
+    def finalize(self, parts, params, ctx):
+        return Summary(counts={"in": len(parts), "out": len(parts), "rejected": 0},
+                       metrics={"models": sorted({p.info["model"] for p in parts})})

@@ -96,14 +96,16 @@ def test_table_source_csv_and_parquet_with_missing_path(tmp_path, client):
         rows.append({"path": f"imgs/{i}.jpg", "caption": f"a photo number {i}", "label": ["x", "y"][i % 2],
                      "aesthetic": 0.5 + i})
     rows.append({"path": "imgs/missing.jpg", "caption": "gone", "label": "x", "aesthetic": 0.0})
+    rows.append({"path": "imgs", "caption": "a folder not a file", "label": "y", "aesthetic": 0.0})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     (tmp_path / "t.csv").write_text("path,caption,label,aesthetic\n" + "\n".join(
         f"{r['path']},{r['caption']},{r['label']},{r['aesthetic']}" for r in rows))
     for name in ("t.parquet", "t.csv"):
         res = run_pipeline(shard_manifest(tmp_path / f"run-{name}", {"kind": "table", "path": str(tmp_path / name)}), client)
         out = check_invariants(res[0].path)
-        assert out["manifest"]["counts"] == {**out["manifest"]["counts"], "in": 8, "out": 7, "rejected": 1}
-        assert out["rejects"][0]["reason"].startswith("missing file")
+        assert out["manifest"]["counts"] == {**out["manifest"]["counts"], "in": 9, "out": 7, "rejected": 2}
+        reasons = sorted(r["reason"] for r in out["rejects"])
+        assert reasons[0].startswith("missing file") and reasons[1].startswith("unreadable"), reasons
         by_src = {r["source"].split(":", 1)[1]: r for r in out["index"]}
         assert by_src["imgs/3.jpg"]["caption"] == "a photo number 3"
         assert by_src["imgs/3.jpg"]["label_name"] == "y"
@@ -165,15 +167,18 @@ def test_missing_and_empty_sources_fail_before_work(tmp_path, client):
     from pipeline.config import ManifestError
     from stages.sources import SourceError
 
-    with pytest.raises(SourceError, match="does not exist"):
-        run_pipeline(shard_manifest(tmp_path / "a", {"kind": "folder", "path": str(tmp_path / "nope")}), client)
+    for kind in ("folder", "tar", "table"):
+        with pytest.raises(SourceError, match=f"{tmp_path / 'nope'}: .*does not exist"):
+            run_pipeline(shard_manifest(tmp_path / "a", {"kind": kind, "path": str(tmp_path / "nope")}), client)
+    with pytest.raises(SourceError, match="no WebDataset .tar files"):
+        run_pipeline(shard_manifest(tmp_path / "a", {"kind": "webdataset", "path": str(tmp_path / "nope")}), client)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "README.txt").write_text("no images here")
     with pytest.raises(SourceError, match="contains no images"):
         run_pipeline(shard_manifest(tmp_path / "b", {"kind": "folder", "path": str(tmp_path / "empty")}), client)
     with pytest.raises(ManifestError, match=r"stages\[shard\]\.params\.source"):
         run_pipeline(shard_manifest(tmp_path / "c", {"kind": "nosuchkind"}), client)
-    assert not list((tmp_path / "a" / "run").glob("shard-*/shards"))
+    assert not list((tmp_path / "a" / "run").glob("shard-*")), "nothing was started for a missing source"
 
 
 def test_outputs_are_deterministic_and_cached(tmp_path, client):
