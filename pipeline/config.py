@@ -24,7 +24,8 @@ class StageSpec(BaseModel):
     name: str = Field(description="unique name of this step; also the artifact's directory prefix")
     stage: str | None = Field(None, description="stage type in the registry (default: name)")
     inputs: dict[str, str] | list[str] | None = Field(
-        None, description="input name -> upstream step; a list binds in the stage's input order; default: previous step"
+        None, description="input name -> upstream step or an existing artifact directory; a list binds in the "
+                          "stage's input order; default: previous step"
     )
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -167,9 +168,14 @@ def resolve(manifest: PipelineManifest, where: str = "<manifest>") -> list[Resol
         except ValidationError as e:
             raise ManifestError(format_validation_error(e, where, prefix=f"stages[{spec.name}].params")) from None
         inputs = _bind_inputs(spec, cls, resolved, where)
-        for up in inputs.values():
-            if up not in known:
-                raise ManifestError(f"{where}: stages[{spec.name}].inputs: '{up}' is not an earlier stage")
+        for key, up in inputs.items():
+            if up in known:
+                continue
+            if (Path(up) / "manifest.json").is_file():  # an existing artifact directory
+                inputs[key] = str(Path(up).resolve())
+                continue
+            raise ManifestError(f"{where}: stages[{spec.name}].inputs.{key}: '{up}' is neither an earlier stage "
+                                "nor a complete artifact directory")
         known.add(spec.name)
         resolved.append(ResolvedStage(spec=spec, stage_cls=cls, params=params, inputs=inputs))
     return resolved

@@ -154,7 +154,7 @@ class Runner:
             if f not in names:
                 raise RunError(f"--force {f}: no such stage (have: {', '.join(sorted(names))})")
         forced = set(force)
-        results: dict[str, StageResult] = {}
+        results: dict[str, StageResult] = self.external_inputs()
         run_record: dict[str, Any] = {
             "manifest": self.manifest.model_dump(mode="json"), "manifest_path": self.where,
             "overrides": self.overrides, "order": [s.name for s in self.steps], "started": now_iso(),
@@ -183,7 +183,18 @@ class Runner:
         run_record["finished"] = now_iso()
         write_json(self.out_dir / RUN_FILE, run_record)
         self.events.emit("run_finished", stages={k: v.status for k, v in results.items()})
-        return list(results.values())
+        return [r for r in results.values() if r.status != "external"]
+
+    def external_inputs(self) -> dict[str, StageResult]:
+        """Artifacts named by directory in ``inputs:`` (made by another run, or by hand in our format)."""
+        names = {s.name for s in self.steps}
+        out: dict[str, StageResult] = {}
+        for step in self.steps:
+            for path in step.inputs.values():
+                if path not in names and path not in out:
+                    m = Artifact(Path(path)).manifest()
+                    out[path] = StageResult(path, m.stage, m.artifact_id, Path(path), "external", 0.0, m.counts)
+        return out
 
     def artifact_dir(self, step: ResolvedStage, artifact_id: str) -> Path:
         return self.out_dir / f"{step.name}-{artifact_id[:12]}"

@@ -148,7 +148,7 @@ def find_duplicates(refs: list[SampleRef], spec: dict[str, Any], scope: str, ctx
 
 class ShardStage(Stage):
     name = "shard"
-    version = "1"
+    version = "2"  # 2: index carries each image's byte offset in its tar
     Params = ShardParams
     takes_source = True
 

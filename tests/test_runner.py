@@ -91,3 +91,17 @@ def test_artifact_manifest_schema_is_current():
 
     path = Path(__file__).parent.parent / "manifests" / "schema" / "artifact_manifest.schema.json"
     assert json.loads(path.read_text()) == manifest_json_schema(), "run: distillery schema --out " + str(path)
+
+
+def test_inputs_can_name_existing_artifacts(tmp_path, client):
+    src = tmp_path / "src"
+    make_tree(src, per_class=3, corrupt=False)
+    shard = run_pipeline(two_stage(tmp_path / "a", src), client, until="shard")[0]
+    m = {"name": "ext", "output_dir": str(tmp_path / "b"),
+         "stages": [{"name": "count", "stage": "count-labels", "inputs": {"shards": str(shard.path)}}]}
+    res = run_pipeline(m, client)
+    assert [r.name for r in res] == ["count"] and res[0].counts["in"] == shard.counts["out"]
+    assert json.loads((res[0].path / "manifest.json").read_text())["inputs"] == {"shards": shard.artifact_id}
+    m["stages"][0]["inputs"] = {"shards": str(tmp_path / "nothing-here")}
+    with pytest.raises(ManifestError, match="neither an earlier stage nor a complete artifact"):
+        run_pipeline(m, client)
