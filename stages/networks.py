@@ -22,7 +22,11 @@ TIMM_PREFIX = "timm:"
 
 
 def create_network(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kw: Any) -> nn.Module:
-    """Build a registered network (or ``timm:<name>``, pretrained=False) for ``image_size`` inputs."""
+    """Build a registered network (or ``timm:<name>``, pretrained=False) for ``image_size`` inputs.
+
+    ``image_size`` is not forwarded to timm (most timm CNNs are size-agnostic); pass ``img_size=`` for models
+    that need it.
+    """
     if name.startswith(TIMM_PREFIX):
         import timm  # optional dependency: only needed for timm models
 

@@ -1,0 +1,199 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.networks import create_network, num_params
+from stages.recipes import RECIPES, RecipeError, ScheduleSpec, load_recipe, lr_factor
+from stages.trainer import channel_stats, evaluate, plot_curves, train, train_seeds
+
+NUM_CLASSES = 4
+
+
+def blobs(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC images: a class-coloured disc at a random place on a noisy grey background."""
+    g = torch.Generator().manual_seed(seed)
+    colors = torch.tensor([[220.0, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]])
+    labels = torch.arange(n) % NUM_CLASSES
+    img = 120 + 30 * torch.randn(n, size, size, 3, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    cy, cx = torch.randint(4, size - 4, (2, n), generator=g)
+    disc = (yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2 <= 9
+    img = torch.where(disc[..., None], colors[labels][:, None, None, :], img)
+    return img.clamp(0, 255).to(torch.uint8), labels
+
+
+TRAIN, TEST = blobs(256, seed=0), blobs(128, seed=1)
+
+
+def small(name: str = "standard-dd", **changes):
+    """A shipped recipe shrunk to CPU-test size (the network/schedule semantics stay the recipe's)."""
+    base = {"epochs": 4, "batch_size": 32}
+    if name == "standard-dd":  # 1000-epoch lr is too timid for 4 epochs
+        base.update(lr=0.02, network_kwargs={"width": 16, "depth": 2})
+    return load_recipe(name, **{**base, **changes})
+
+
+def same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# recipes and schedules
+
+
+def test_shipped_recipes():
+    assert {"standard-dd", "standard-resnet", "fast"} <= set(RECIPES.names())
+    dd = load_recipe("standard-dd")
+    assert (dd.network, dd.network_kwargs["norm"]) == ("convnet", "instancenorm")
+    assert num_params(create_network(dd.network, 10, **dd.network_kwargs)) == 320_010  # ConvNet-3, width 128
+    d4 = dd.with_overrides(network="convnet_d4")  # the 64px variant is one override away
+    assert create_network(d4.network, 200, image_size=64, **d4.network_kwargs).num_features == 2048
+    assert (dd.epochs, dd.batch_size, dd.optimizer, dd.lr, dd.momentum, dd.weight_decay) == \
+        (1000, 256, "sgd", 0.01, 0.9, 5e-4)
+    assert dd.augmentation.name == "dsa" and dd.augmentation.params["strategy"] == \
+        "color_crop_cutout_flip_scale_rotate"
+    rn = load_recipe("standard-resnet")
+    assert (rn.network, rn.epochs, rn.optimizer, rn.lr, rn.batch_size, rn.schedule.name) == \
+        ("resnet18", 200, "nesterov", 0.1, 128, "cosine")
+    fast = load_recipe("fast")
+    assert (fast.network, fast.label_smoothing, fast.optimizer, fast.precision, fast.batch_size) == \
+        ("airbench", 0.2, "nesterov", "bf16", 1024)
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nnetwork: convnet\nepochs: 3\nbatch_size: 8\nlr: 0.1\nmomentun: 0.9\n")
+    with pytest.raises(RecipeError, match="(?s)bad.yaml.*momentun"):
+        load_recipe(bad)
+    with pytest.raises(KeyError, match="standard-dd"):
+        load_recipe("no-such-recipe")
+
+
+def test_lr_schedules():
+    step = ScheduleSpec(name="step", milestones=(0.5,), gamma=0.1)
+    # MTT evaluation: x0.1 from epoch epochs // 2 + 1 (0-based epoch index)
+    assert lr_factor(step, 500 * 10, 10, 1000) == 1.0
+    assert lr_factor(step, 501 * 10, 10, 1000) == pytest.approx(0.1)
+    cos = ScheduleSpec(name="cosine", end=0.0)
+    assert lr_factor(cos, 0, 10, 10) == 1.0 and lr_factor(cos, 50, 10, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 100, 10, 10) == pytest.approx(0.0, abs=1e-12)
+    tri = ScheduleSpec(name="linear", warmup=0.23, start=0.2, end=0.07)  # airbench's triangle
+    assert lr_factor(tri, 0, 10, 10) == pytest.approx(0.2)
+    assert lr_factor(tri, 23, 10, 10) == pytest.approx(1.0)
+    assert lr_factor(tri, 100, 10, 10) == pytest.approx(0.07)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_hard_labels_train_well_above_chance():
+    res = train(*TRAIN, small(), num_classes=NUM_CLASSES, seed=0, test=TEST)
+    assert res.test["top1"] > 85.0  # chance is 25 %
+    assert res.curve[-1].loss < res.curve[0].loss
+    assert [s.epoch for s in res.curve] == [1, 2, 3, 4] and res.curve[-1].test_top1 == res.test["top1"]
+    assert res.images_per_sec > 0 and res.wall_time > 0
+    # the final model can be rebuilt and evaluated with the training normalisation
+    again = evaluate(res.model(), *TEST, mean=res.mean, std=res.std)
+    assert again["top1"] == pytest.approx(res.test["top1"])
+
+
+def test_soft_labels_train_well_above_chance():
+    images, labels = TRAIN
+    soft = 0.6 * F.one_hot(labels, NUM_CLASSES).float() + 0.4 * torch.rand(len(labels), NUM_CLASSES,
+                                                                            generator=torch.Generator().manual_seed(0))
+    soft = soft / soft.sum(1, keepdim=True)
+    res = train(images, soft, small(), num_classes=NUM_CLASSES, seed=0, test=TEST)
+    assert res.test["top1"] > 80.0
+
+
+def test_teacher_kd_trains_student():
+    teacher = train(*TRAIN, small(), num_classes=NUM_CLASSES, seed=1).model()
+    res = train(*TRAIN, small(loss={"name": "kd", "temperature": 4.0}, network_kwargs={"width": 8, "depth": 2}),
+                num_classes=NUM_CLASSES, seed=0, test=TEST, teacher=teacher)
+    assert res.test["top1"] > 65.0
+
+
+def test_same_seed_same_weights_other_seed_differs():
+    recipe = small(epochs=2)
+    global_state = torch.random.get_rng_state()
+    a = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # the caller's RNG is untouched
+    b = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=3)
+    c = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=4)
+    assert same_weights(a.state_dict, b.state_dict)
+    assert not same_weights(a.state_dict, c.state_dict)
+    # NCHW and NHWC inputs are the same data
+    d = train(TRAIN[0].permute(0, 3, 1, 2).contiguous(), TRAIN[1], recipe, num_classes=NUM_CLASSES, seed=3)
+    assert same_weights(a.state_dict, d.state_dict)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    recipe = small(schedule={"name": "cosine"}, network_kwargs={"width": 16, "depth": 2, "norm": "batchnorm"})
+    full = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0)
+
+    def kill_after_two(epoch, model, stats):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0, checkpoint_dir=tmp_path, callback=kill_after_two)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary leftovers
+    seen = []
+    resumed = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0, checkpoint_dir=tmp_path,
+                    callback=lambda e, m, s: seen.append(e))
+    assert seen == [3, 4]  # only the missing epochs ran
+    assert same_weights(full.state_dict, resumed.state_dict)
+    assert [s.loss for s in resumed.curve] == [s.loss for s in full.curve]
+    # a checkpoint from another configuration is refused rather than silently mixed in
+    with pytest.raises(ValueError, match="different run"):
+        train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0, checkpoint_dir=tmp_path, lr=0.5)
+
+
+def test_evaluate_top1_top5_exact():
+    class Lookup(nn.Module):  # logits are the first pixels of each (float) image
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :6] + self.dummy
+
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]] * 4)
+    images = torch.zeros(4, 1, 3, 3)
+    images.view(4, -1)[:, :6] = logits
+    labels = torch.tensor([0, 3, 5, 1])  # ranks 1, 4, 6, 2
+    assert evaluate(Lookup(), images, labels, batch_size=3) == {"top1": 25.0, "top5": 75.0}
+    with pytest.raises(ValueError, match="mean/std"):
+        evaluate(Lookup(), torch.zeros(2, 1, 3, 3, dtype=torch.uint8), labels[:2])
+
+
+def test_channel_stats():
+    images = TRAIN[0].permute(0, 3, 1, 2)
+    mean, std = channel_stats(images, chunk=50)
+    x = images.double() / 255
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), x.mean((0, 2, 3)))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), x.std((0, 2, 3), unbiased=False))
+
+
+def test_train_seeds_and_plot(tmp_path):
+    out = train_seeds(*TRAIN, small(epochs=2), test=TEST, seeds=[0, 1], num_classes=NUM_CLASSES)
+    accs = list(out["per_seed"].values())
+    assert list(out["per_seed"]) == [0, 1] and out["mean"] == pytest.approx(sum(accs) / 2)
+    assert out["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    png = plot_curves(out["results"], tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name,kw", [("fast", {"width": 8}), ("standard-resnet", {"width": 8})])
+def test_other_recipes_run_on_cpu(name, kw):
+    res = train(*TRAIN, small(name, epochs=3, network_kwargs=kw), num_classes=NUM_CLASSES, seed=0, test=TEST)
+    assert math.isfinite(res.curve[-1].loss) and res.curve[-1].loss < res.curve[0].loss
+    assert res.test["top1"] > 50.0
