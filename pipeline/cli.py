@@ -67,6 +67,96 @@ def run(
     console.print(table)
 
 
+def _run_steps(name: str, out: Path, steps: list[dict[str, Any]], cluster: str | None, progress: bool):
+    """Run an ad-hoc pipeline (stages whose inputs are existing artifacts); exit with a clear error."""
+    from pipeline.cluster import ClusterError
+    from pipeline.config import PipelineManifest
+    from pipeline.runner import RunError, Runner
+
+    try:
+        m = PipelineManifest.model_validate({"name": name, "output_dir": str(out), "stages": steps})
+        with Runner(m, where=f"<{name}>", profile=cluster, show_progress=progress) as runner:
+            return runner.run()
+    except (ManifestError, RunError, ClusterError, ValueError) as e:
+        _fail(str(e))
+
+
+def _overrides(epochs: Optional[int], network: Optional[str], extra: Optional[List[str]]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    if epochs:
+        out["epochs"] = epochs
+    if network:
+        out["network"] = network
+    for text in extra or []:
+        if "=" not in text:
+            _fail(f"recipe override '{text}' is not key=value")
+        k, v = text.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+@app.command()
+def validate(
+    artifacts: List[Path] = typer.Argument(..., help="artifacts to validate (shards, selections, distilled sets)"),
+    recipe: str = typer.Option("standard-dd", help="training recipe: standard-dd, standard-resnet, fast or a YAML"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+    ipc: Optional[int] = typer.Option(None, help="train a random subset with this many images per class"),
+    fraction: Optional[float] = typer.Option(None, help="train a random class-balanced fraction"),
+    epochs: Optional[int] = typer.Option(None),
+    network: Optional[str] = typer.Option(None, help="e.g. convnet, resnet18, timm:resnet50"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
+    test: Optional[Path] = typer.Option(None, help="artifact holding the test split (default: each artifact)"),
+    out: Path = typer.Option(Path("runs/validate"), help="output directory"),
+    cluster: Optional[str] = typer.Option(None, "--cluster"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the recipe on each artifact and report test accuracy (mean ± std over seeds), with the
+    random-subset baseline of the same size."""
+    from stages.validate import format_metrics
+
+    params: dict[str, Any] = {"recipe": recipe, "seeds": [int(x) for x in seeds.split(",")],
+                              "overrides": _overrides(epochs, network, set_)}
+    if ipc or fraction:
+        params["subset"] = {"ipc": ipc} if ipc else {"fraction": fraction}
+    steps = []
+    for i, a in enumerate(artifacts):
+        inputs = {"train": str(a)} | ({"test": str(test)} if test else {})
+        steps.append({"name": f"validate-{i}-{a.resolve().name}", "stage": "validate", "inputs": inputs, "params": params})
+    results = _run_steps("validate", out, steps, cluster, progress)
+    table = Table(title=f"{recipe} · test top-1 (%) mean ± std over seeds {seeds}")
+    for col in ("artifact", "n train", "top-1", "random subset, same size", "artifact dir"):
+        table.add_column(col)
+    for a, r in zip(artifacts, results):
+        m = Artifact(r.path).manifest().metrics
+        base = m.get("random_baseline")
+        table.add_row(str(a), str(m["n_train"]), f"{m['top1_mean']:.2f} ± {m['top1_std']:.2f}",
+                      f"{base['top1_mean']:.2f} ± {base['top1_std']:.2f}" if base else "-", str(r.path))
+        logging.getLogger("distillery").info("validate %s: %s", a, format_metrics(m))
+    console.print(table)
+
+
+@app.command()
+def train(
+    artifact: Path = typer.Argument(..., help="a shard artifact (or any training set)"),
+    recipe: str = typer.Option("fast"),
+    folds: int = typer.Option(1, help=">= 2 trains out-of-fold teachers (predictions for every sample)"),
+    seed: int = typer.Option(0),
+    epochs: Optional[int] = typer.Option(None),
+    network: Optional[str] = typer.Option(None),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
+    out: Path = typer.Option(Path("runs/train")),
+    cluster: Optional[str] = typer.Option(None, "--cluster"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train teacher checkpoints (teachers/fold_K.pt) on an artifact."""
+    params = {"recipe": recipe, "folds": folds, "seed": seed, "overrides": _overrides(epochs, network, set_)}
+    r = _run_steps("train", out, [{"name": "teacher", "inputs": {"data": str(artifact)}, "params": params}],
+                   cluster, progress)[0]
+    console.print(f"teachers: {r.path / 'teachers'}  metrics: " + json.dumps(Artifact(r.path).manifest().metrics.get("test_top1_mean")))
+
+
 def stage_state(path: Path) -> tuple[str, str]:
     art = Artifact(path)
     if art.is_complete():

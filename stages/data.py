@@ -105,14 +105,14 @@ def load_images(artifact: str | os.PathLike[str], split: str = "train", *, size:
     cache_path = artifact / "cache" / f"{split}-{size or 'native'}-{tag}.npy"
     labels = np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64)
     if cache and cache_path.is_file():
-        images = np.load(cache_path, mmap_mode="r")
+        images = np.load(cache_path)
     else:
         images = decode_rows(artifact, split, rows, size)
         if cache:
             with atomic_path(cache_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, images)
-    return ImageSet(np.asarray(images), labels, [r["uid"] for r in rows], [r["key"] for r in rows], classes)
+    return ImageSet(images, labels, [r["uid"] for r in rows], [r["key"] for r in rows], classes)
 
 
 def decode_rows(artifact: Path, split: str, rows: list[dict], size: int | None) -> np.ndarray:

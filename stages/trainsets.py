@@ -1,0 +1,99 @@
+"""What the trainer trains on, whatever artifact it comes from: images + hard or soft targets.
+
+Each artifact kind registers a loader under its stage name in ``TRAINSETS`` (shards here; selections,
+relabelled and distilled sets register theirs where they are defined). A loader returns a ``TrainSet``:
+the images, their targets, and the *pool* they were chosen from, so the validator can always train the
+random-subset baseline of the same size under the same recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from pipeline.artifacts import Artifact
+from pipeline.registry import Registry
+from stages.data import ImageSet, load_images
+
+
+@dataclass
+class TrainSet:
+    images: torch.Tensor  # uint8 N x H x W x 3, or float N x C x H x W for synthetic sets
+    targets: torch.Tensor  # int64 labels or float (N, C) probability rows
+    num_classes: int
+    classes: list[str]
+    uids: list[str] = field(default_factory=list)
+    pool: ImageSet | None = None  # what a random baseline of the same size draws from
+    lr: float | None = None  # a learned learning rate travels with some distilled sets
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+Loader = Callable[[Path, str, "int | None"], TrainSet]
+TRAINSETS: Registry[Loader] = Registry("training-set loader", entry_point_group="distillery.trainsets")
+
+
+def from_images(s: ImageSet, pool: ImageSet | None = None) -> TrainSet:
+    return TrainSet(torch.from_numpy(np.ascontiguousarray(s.images)), torch.from_numpy(s.labels), s.num_classes,
+                    s.classes, s.uids, pool)
+
+
+@TRAINSETS.register("shard")
+def _shards(path: Path, split: str, size: int | None) -> TrainSet:
+    return from_images(load_images(path, split, size=size))
+
+
+def load_trainset(path: str | Path, split: str = "train", size: int | None = None) -> TrainSet:
+    path = Path(path)
+    stage = Artifact(path).manifest().stage
+    return TRAINSETS.get(stage)(path, split, size)
+
+
+class SubsetSpec(BaseModel):
+    """A random class-balanced subset: ``ipc`` images per class, or a ``fraction`` of every class."""
+
+    model_config = ConfigDict(extra="forbid")
+    ipc: int | None = None
+    fraction: float | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SubsetSpec":
+        if (self.ipc is None) == (self.fraction is None):
+            raise ValueError("give exactly one of ipc or fraction")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError("fraction must be in (0, 1]")
+        return self
+
+    def describe(self) -> str:
+        return f"ipc{self.ipc}" if self.ipc is not None else f"{self.fraction:.0%}"
+
+
+def balanced_subset(labels: np.ndarray, spec: SubsetSpec | None = None, *, per_class: dict[int, int] | None = None,
+                    seed: int = 0, kind: Literal["random"] = "random") -> np.ndarray:
+    """Indices of a random subset with ``spec`` (or exact ``per_class`` counts), sorted, deterministic by seed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class is not None:
+            k = per_class.get(int(c), 0)
+        elif spec.ipc is not None:  # type: ignore[union-attr]
+            k = spec.ipc  # type: ignore[union-attr]
+        else:
+            k = max(1, round(len(idx) * spec.fraction))  # type: ignore[union-attr, operator]
+        if k > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {k} asked for")
+        out.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)
+
+
+def class_counts(targets: torch.Tensor, num_classes: int) -> dict[int, int]:
+    hard = targets.argmax(1) if targets.is_floating_point() else targets
+    counts = torch.bincount(hard, minlength=num_classes)
+    return {i: int(n) for i, n in enumerate(counts)}
