@@ -96,3 +96,21 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         if p.is_file() and not p.is_symlink() and p.name not in skip and ".parts" not in p.parts:
             out[str(p.relative_to(root))] = p.read_bytes()
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory, client):
+    """The quickstart digits as a shard artifact (1438 train / 359 test, 32x32)."""
+    tmp = tmp_path_factory.mktemp("digits")
+    return run_pipeline({"name": "digits", "output_dir": str(tmp / "run"), "source": {"kind": "sklearn-digits"},
+                         "stages": [{"name": "shard", "params": {"samples_per_shard": 500}}]}, client)[0]
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory, client):
+    """The shared CIFAR-10 archive as a shard artifact (skips when the archive is absent)."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"CIFAR-10 archive not found at {CIFAR_TAR} (../shared/data)")
+    tmp = tmp_path_factory.mktemp("cifar")
+    return run_pipeline({"name": "cifar", "output_dir": str(tmp / "run"), "source": {"kind": "tar", "path": str(CIFAR_TAR)},
+                         "stages": [{"name": "shard", "params": {"samples_per_shard": 10000}}]}, client)[0]
