@@ -86,7 +86,7 @@ class Recipe(BaseModel):
     augmentation: AugSpec = AugSpec()
     loss: LossSpec = LossSpec()
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
-    channels_last: bool = False  # CUDA only
+    channels_last: bool = False  # NHWC memory format (faster for BatchNorm conv nets on CPU and GPU)
     eval_batch_size: int = Field(1024, gt=0)
 
     @model_validator(mode="after")

@@ -254,7 +254,7 @@ def train(images: Tensor, targets: Tensor, recipe: Recipe, *, num_classes: int, 
     norm = Normalizer(mean, std, dev)
     x, y = x.to(dev).contiguous(), targets.to(dev, torch.float32 if soft else torch.long)  # one layout: same numerics
     cuda = dev.type == "cuda"
-    channels_last = cuda and recipe.channels_last
+    channels_last = recipe.channels_last  # also pays on CPU: oneDNN convs prefer NHWC (~1.3x for BN nets)
 
     network = dict(name=recipe.network, num_classes=num_classes, in_channels=x.shape[1], image_size=x.shape[-1],
                    **recipe.network_kwargs)
