@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.artifacts import PartRecord
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
 from stages.recipes import AugSpec
-from stages.trainstage import TrainingParams, device, has_split, tensors, testset, trainset
+from stages.trainstage import TrainingParams, device, optional_test, trainset
 from stages.trajectories import save_expert, train_expert
 
 
@@ -39,7 +39,7 @@ class ExpertsStage(Stage):
     def run(self, task: Task, params: ExpertParams, ctx: TaskContext) -> dict[str, Any]:  # type: ignore[override]
         inp = ctx.inputs["data"]
         ts = trainset(ctx, inp, params)
-        test = tensors(testset(ctx, inp, params)) if has_split(inp.path, params.test_split) else None
+        test = optional_test(ctx, inp, params)
         expert = train_expert(ts.images, ts.targets, num_classes=ts.num_classes, seed=params.seed + task.payload,
                               device=device(params.device), network=params.network,
                               network_kwargs=params.network_kwargs, epochs=params.epochs, lr=params.lr,

@@ -23,7 +23,7 @@ from pipeline.atomic import atomic_path
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
 from stages.networks import create_network
 from stages.trainer import train
-from stages.trainstage import TrainingParams, device, has_split, tensors, testset, trainset
+from stages.trainstage import TrainingParams, device, optional_test, trainset
 
 TEACHER_FORMAT = "distillery.teacher.v1"
 
@@ -88,7 +88,7 @@ class TeacherStage(Stage):
         fold = fold_of(len(ts), folds, params.seed) if folds > 1 else np.full(len(ts), -1)
         train_idx = torch.from_numpy(np.flatnonzero(fold != k))
         held = np.flatnonzero(fold == k)
-        test = tensors(testset(ctx, inp, params)) if has_split(inp.path, params.test_split) else None
+        test = optional_test(ctx, inp, params)
         recipe = params.make_recipe()
         dev = device(params.device)
         res = train(ts.images[train_idx], ts.targets[train_idx], recipe, num_classes=ts.num_classes,

@@ -48,6 +48,11 @@ def testset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> Ima
     return ctx.cached(key, lambda: load_images(inp.path, params.test_split, size=params.image_size))
 
 
+def optional_test(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The held-out split as tensors when the artifact has one (teachers and experts report test accuracy)."""
+    return tensors(testset(ctx, inp, params)) if has_split(inp.path, params.test_split) else None
+
+
 def tensors(s: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
