@@ -162,6 +162,37 @@ def stream_batches(artifact: str | os.PathLike[str], split: str, batch_size: int
     ds = (wds.WebDataset(tars, shardshuffle=len(tars) if shuffle else False, seed=seed,
                          workersplitter=wds.split_by_worker, nodesplitter=None)
           .shuffle(shuffle).map(to_arrays).batched(batch_size, partial=True))
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:  # a Dask worker started with daemon=True cannot fork loaders
+        num_workers = 0
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(tars)))
     for images, labels in loader:
         yield np.asarray(images), np.asarray(labels, dtype=np.int64)
+
+
+class ShardStream:
+    """A split of a shard artifact as a ``trainer.BatchStream``: decoded on DataLoader workers, never all in memory."""
+
+    def __init__(self, artifact: str | os.PathLike[str], split: str = "train", size: int | None = None,
+                 num_workers: int = 2, shuffle: int = 2000) -> None:
+        self.artifact, self.split, self.size = Path(artifact), split, size
+        self.num_workers, self.shuffle = num_workers, shuffle
+        self._n = read_index(self.artifact, split).num_rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    def sample(self, n: int):
+        import torch
+
+        rows = read_index(self.artifact, self.split).slice(0, n).to_pylist()
+        return torch.from_numpy(decode_rows(self.artifact, self.split, rows, self.size)), \
+            torch.tensor([r["label"] for r in rows])
+
+    def batches(self, batch_size: int, seed: int):
+        import torch
+
+        for images, labels in stream_batches(self.artifact, self.split, batch_size, size=self.size,
+                                             num_workers=self.num_workers, shuffle=self.shuffle, seed=seed):
+            yield torch.from_numpy(images), torch.from_numpy(labels)

@@ -85,13 +85,17 @@ class TeacherStage(Stage):
         inp = ctx.inputs["data"]
         ts = trainset(ctx, inp, params)
         k, folds = task.payload, max(params.folds, 1)
+        streamed = ts.info.get("mode") == "stream"
+        if streamed and folds > 1:
+            raise ValueError("out-of-fold teachers need the training set in memory: data_mode: memory")
         fold = fold_of(len(ts), folds, params.seed) if folds > 1 else np.full(len(ts), -1)
         train_idx = torch.from_numpy(np.flatnonzero(fold != k))
         held = np.flatnonzero(fold == k)
         test = optional_test(ctx, inp, params)
         recipe = params.make_recipe()
         dev = device(params.device)
-        res = train(ts.images[train_idx], ts.targets[train_idx], recipe, num_classes=ts.num_classes,
+        images, targets = (ts.images, ts.targets) if streamed else (ts.images[train_idx], ts.targets[train_idx])
+        res = train(images, targets, recipe, num_classes=ts.num_classes,
                     seed=params.seed + k, device=dev, test=test,
                     checkpoint_dir=ctx.out_dir / ".ckpt" / task.id)
         info: dict[str, Any] = {"fold": k, "n_train": len(train_idx), "test": res.test,

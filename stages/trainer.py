@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,33 @@ def _load_checkpoint(path: Path, identity: dict[str, Any], model: nn.Module, opt
     return _Progress(ck["epoch"], ck["step"], ck["train_time"], [EpochStats(**s) for s in ck["curve"]])
 
 
-def train(images: Tensor, targets: Tensor, recipe: Recipe, *, num_classes: int, seed: int = 0,
+@runtime_checkable
+class BatchStream(Protocol):
+    """Training data too large for memory: batches of (uint8 images, int64 labels) streamed per epoch."""
+
+    def __len__(self) -> int: ...
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """Up to ``n`` images (for normalisation statistics and data-dependent init)."""
+        ...
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+def _epoch_batches(x: Tensor, y: Tensor, stream: BatchStream | None, bs: int, steps: int, order_gen: torch.Generator,
+                   seed: int, epoch: int, dev: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of (raw images, targets) on the device: a seeded permutation in memory, or the stream."""
+    if stream is not None:
+        for xb, yb in stream.batches(bs, seed=seed * 100_003 + epoch):
+            yield to_nchw(xb).to(dev, non_blocking=True), yb.to(dev)
+        return
+    order = torch.randperm(len(x), generator=order_gen).to(dev)
+    for b in range(steps):
+        idx = order[b * bs:(b + 1) * bs]
+        yield x[idx], y[idx]
+
+
+def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_classes: int, seed: int = 0,
           device: str | torch.device = "cpu", test: tuple[Tensor, Tensor] | None = None,
           teacher: nn.Module | None = None, checkpoint_dir: str | Path | None = None, resume: bool = True,
           epochs: int | None = None, lr: float | None = None, callback: EpochCallback | None = None,
@@ -245,8 +271,13 @@ def train(images: Tensor, targets: Tensor, recipe: Recipe, *, num_classes: int, 
     """
     recipe = recipe.with_overrides(**{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     dev = torch.device(device)
-    x = to_nchw(images)
-    n = len(x)
+    stream = images if isinstance(images, BatchStream) else None
+    if stream is not None:  # labels come with the batches; statistics from a first sample of them
+        x = to_nchw(stream.sample(WHITEN_INIT_IMAGES)[0])
+        targets = torch.zeros(len(stream), dtype=torch.long)
+    else:
+        x = to_nchw(images)
+    n = len(x) if stream is None else len(stream)
     soft = targets.is_floating_point()
     if len(targets) != n or (soft and tuple(targets.shape) != (n, num_classes)):
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match {n} images / {num_classes} classes")
@@ -295,12 +326,12 @@ def train(images: Tensor, targets: Tensor, recipe: Recipe, *, num_classes: int, 
     while prog.epoch < recipe.epochs:
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gens["order"]).to(dev)
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
-        for b in range(steps_per_epoch):
-            idx = order[b * bs:(b + 1) * bs]
-            xb, yb = augment(norm(x[idx]), generator=gens["augment"]), y[idx]
+        seen = 0
+        for xr, yb in _epoch_batches(x, y, stream, bs, steps_per_epoch, gens["order"], seed, prog.epoch, dev):
+            xb = augment(norm(xr), generator=gens["augment"])
+            seen += len(yb)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(recipe.schedule, prog.step, steps_per_epoch, recipe.epochs)
@@ -315,13 +346,13 @@ def train(images: Tensor, targets: Tensor, recipe: Recipe, *, num_classes: int, 
             loss.backward()
             opt.step()
             prog.step += 1
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == (yb.argmax(1) if soft else yb)).sum()
         loss_value, correct_value = float(loss_sum), int(correct)  # syncs the device
         seconds = time.perf_counter() - t0
         prog.train_time += seconds
         prog.epoch += 1
-        stats = EpochStats(prog.epoch, loss_value / samples_per_epoch, 100.0 * correct_value / samples_per_epoch,
+        stats = EpochStats(prog.epoch, loss_value / max(seen, 1), 100.0 * correct_value / max(seen, 1),
                            recipe.lr * factor, seconds)
         if test is not None and (prog.epoch == recipe.epochs or (eval_every and prog.epoch % eval_every == 0)):
             metrics = run_test()

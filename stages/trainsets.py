@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.artifacts import Artifact
 from pipeline.registry import Registry
-from stages.data import ImageSet, load_images
+from stages.data import ImageSet, ShardStream, choose_mode, load_images
 
 
 @dataclass
 class TrainSet:
-    images: torch.Tensor  # uint8 N x H x W x 3, or float N x C x H x W for synthetic sets
+    images: Any  # uint8 N x H x W x 3 tensor, float N x C x H x W (synthetic sets), or a trainer.BatchStream
     targets: torch.Tensor  # int64 labels or float (N, C) probability rows
     num_classes: int
     classes: list[str]
@@ -32,10 +32,10 @@ class TrainSet:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.images) if self.info.get("mode") == "stream" else len(self.targets)
 
 
-Loader = Callable[[Path, str, "int | None"], TrainSet]
+Loader = Callable[..., TrainSet]  # (path, split, size, mode) -> TrainSet
 TRAINSETS: Registry[Loader] = Registry("training-set loader", entry_point_group="distillery.trainsets")
 
 
@@ -45,14 +45,21 @@ def from_images(s: ImageSet, pool: ImageSet | None = None) -> TrainSet:
 
 
 @TRAINSETS.register("shard")
-def _shards(path: Path, split: str, size: int | None) -> TrainSet:
+def _shards(path: Path, split: str, size: int | None, mode: str = "auto") -> TrainSet:
+    """Decoded into memory when it fits (``MEMORY_LIMIT_BYTES``), else streamed from the shards."""
+    if choose_mode(path, split, size, mode) == "stream":  # type: ignore[arg-type]
+        import json
+
+        stream = ShardStream(path, split, size)
+        classes = json.loads((path / "classes.json").read_text())
+        return TrainSet(stream, torch.zeros(0, dtype=torch.long), len(classes), classes, info={"mode": "stream"})
     return from_images(load_images(path, split, size=size))
 
 
-def load_trainset(path: str | Path, split: str = "train", size: int | None = None) -> TrainSet:
+def load_trainset(path: str | Path, split: str = "train", size: int | None = None, mode: str = "auto") -> TrainSet:
     path = Path(path)
     stage = Artifact(path).manifest().stage
-    return TRAINSETS.get(stage)(path, split, size)
+    return TRAINSETS.get(stage)(path, split, size, mode)
 
 
 class SubsetSpec(BaseModel):

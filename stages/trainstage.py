@@ -19,6 +19,7 @@ class TrainingParams(StageParams):
     test_split: str = "test"
     image_size: int | None = None  # resize on load (needed when images differ in size)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_mode: Literal["auto", "memory", "stream"] = "auto"  # auto: decode into memory when it fits
 
     def make_recipe(self) -> Recipe:
         return load_recipe(self.recipe, **self.overrides)
@@ -39,8 +40,8 @@ def device(choice: str) -> torch.device:
 
 def trainset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> TrainSet:
     """The training set, decoded once per worker (the cache holds it across this worker's tasks)."""
-    key = f"trainset:{inp.path}:{params.train_split}:{params.image_size}"
-    return ctx.cached(key, lambda: load_trainset(inp.path, params.train_split, params.image_size))
+    key = f"trainset:{inp.path}:{params.train_split}:{params.image_size}:{params.data_mode}"
+    return ctx.cached(key, lambda: load_trainset(inp.path, params.train_split, params.image_size, params.data_mode))
 
 
 def testset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> ImageSet:

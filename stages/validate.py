@@ -40,6 +40,8 @@ def select(ts: TrainSet, kind: str, params: ValidateParams, seed: int) -> tuple[
         idx = balanced_subset(ts.pool.labels, per_class=class_counts(ts.targets, ts.num_classes), seed=seed)
         return torch.from_numpy(np.ascontiguousarray(ts.pool.images[idx])), torch.from_numpy(ts.pool.labels[idx])
     if params.subset is not None:
+        if ts.info.get("mode") == "stream":
+            raise ValueError("subset: of a streamed training set is not supported; use data_mode: memory")
         hard = (ts.targets.argmax(1) if ts.targets.is_floating_point() else ts.targets).numpy()
         idx = torch.from_numpy(balanced_subset(hard, params.subset, seed=seed))
         return ts.images[idx], ts.targets[idx]
@@ -86,7 +88,7 @@ class ValidateStage(Stage):
         ckpt = ctx.out_dir / ".ckpt" / task.id
         res = train(images, targets, recipe, num_classes=ts.num_classes, seed=seed, device=device(params.device),
                     test=test, checkpoint_dir=ckpt, eval_every=params.eval_every, **kw)
-        record = {"kind": kind, "seed": seed, "n_train": len(targets), "test": res.test,
+        record = {"kind": kind, "seed": seed, "n_train": len(ts) if ts.info.get("mode") == "stream" else len(targets), "test": res.test,
                   "images_per_sec": res.images_per_sec, "wall_time": res.wall_time, "recipe": recipe.name,
                   "network": res.network, "curve": [vars(s) for s in res.curve]}
         write_json(ctx.output(f"runs/{task.id}.json"), record)

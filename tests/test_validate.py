@@ -80,3 +80,20 @@ def test_experts_stage_writes_a_readable_buffer(digits_shards, tmp_path, client)
     for e in buf:
         assert e.params.shape[0] == 3 and e.meta["test"]["top1"] > 10
     assert not torch.equal(buf[0].params[0], buf[1].params[0]), "experts start from different inits"
+
+
+def test_streamed_training_covers_every_sample_and_learns(digits_shards, tmp_path, client):
+    from stages.data import ShardStream, choose_mode
+
+    assert choose_mode(digits_shards.path, "train", None, "auto") == "memory"
+    assert choose_mode(digits_shards.path, "train", None, "auto", limit=1000) == "stream"
+    stream = ShardStream(digits_shards.path, "train", num_workers=2)
+    labels = torch.cat([y for _, y in stream.batches(64, seed=0)])
+    index = pq.read_table(digits_shards.path / "index.parquet").to_pylist()
+    assert sorted(labels.tolist()) == sorted(r["label"] for r in index if r["split"] == "train")  # once each
+    res = run_pipeline({"name": "s", "output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "val", "stage": "validate", "inputs": {"train": str(digits_shards.path)},
+         "params": {"recipe": "standard-dd", "overrides": {**SMALL, "epochs": 3}, "seeds": [0], "data_mode": "stream"}}]},
+        client)[0]
+    m = json.loads((res.path / "metrics.json").read_text())
+    assert m["n_train"] == len(stream) and m["top1_mean"] > 50, m
