@@ -10,10 +10,9 @@ task's files, retries, progress, cluster scheduling with the declared ``resource
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -164,15 +163,5 @@ class Stage:
     def finalize(self, parts: list[PartRecord], params: StageParams, ctx: FinalizeContext) -> Summary:
         return Summary()
 
-    def check_inputs(self, inputs: Iterable[str]) -> None:
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ValueError(f"stage '{self.name}' needs inputs {missing}")
-
 
 STAGES: Registry[type[Stage]] = Registry("stage", entry_point_group="distillery.stages")
-
-
-def clear_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)

@@ -284,7 +284,6 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     mean, std = _resolve_stats(x, mean, std, test)
     norm = Normalizer(mean, std, dev)
     x, y = x.to(dev).contiguous(), targets.to(dev, torch.float32 if soft else torch.long)  # one layout: same numerics
-    cuda = dev.type == "cuda"
     channels_last = recipe.channels_last  # also pays on CPU: oneDNN convs prefer NHWC (~1.3x for BN nets)
 
     network = dict(name=recipe.network, num_classes=num_classes, in_channels=x.shape[1], image_size=x.shape[-1],
