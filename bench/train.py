@@ -1,6 +1,6 @@
 """Benchmark: training-loop throughput of the reference trainer against a plain PyTorch loop, same model.
 
-On CPU: images/s of ``stages.trainer.train`` (no augmentation, so the work is identical) against a minimal
+On CPU: images/s of ``stages.train.trainer.train`` (no augmentation, so the work is identical) against a minimal
 hand-written loop (normalise, forward, CE, backward, SGD step), per network, and the cost of DSA. On a GPU,
 also: wall time of the ``fast`` recipe to 93% on CIFAR-10 (our JPEG copy).
 
@@ -23,7 +23,7 @@ from common import DEFAULT_CIFAR, write_result  # noqa: E402
 def cifar(archive: Path, work: Path):
     from pipeline.config import PipelineManifest
     from pipeline.runner import Runner
-    from stages.data import load_images
+    from stages.train.image_data import load_images
 
     m = PipelineManifest.model_validate({"name": "bench-train", "output_dir": str(work),
                                          "source": {"kind": "tar", "path": str(archive)},
@@ -35,7 +35,7 @@ def cifar(archive: Path, work: Path):
 
 def plain_loop(x: torch.Tensor, y: torch.Tensor, recipe, dev: torch.device) -> float:
     """The loop a user would write by hand: the floor our trainer's bookkeeping is measured against."""
-    from stages.networks import create_network
+    from stages.train.networks import create_network
 
     torch.manual_seed(0)
     model = create_network(recipe.network, 10, **recipe.network_kwargs).to(dev)
@@ -62,13 +62,13 @@ def plain_loop(x: torch.Tensor, y: torch.Tensor, recipe, dev: torch.device) -> f
 
 
 def ours(x, y, recipe, dev) -> float:
-    from stages.trainer import train
+    from stages.train.trainer import train
 
     return train(x, y, recipe, num_classes=10, device=dev, epochs=1).images_per_sec
 
 
 def main() -> None:
-    from stages.recipes import load_recipe
+    from stages.train.recipes import load_recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--archive", type=Path, default=DEFAULT_CIFAR)
@@ -96,7 +96,7 @@ def main() -> None:
               f"with {rows[name]['augmentation']}: {aug:8.1f} img/s")
     result = {"device": str(dev), "networks": rows}
     if dev.type == "cuda":
-        from stages.trainer import train
+        from stages.train.trainer import train
 
         t0 = time.perf_counter()
         res = train(torch.from_numpy(tr.images), torch.from_numpy(tr.labels), load_recipe("fast"), num_classes=10,

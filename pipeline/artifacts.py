@@ -21,7 +21,11 @@ from pipeline.atomic import canonical_hash, write_json
 MANIFEST = "manifest.json"
 PARTS_DIR = ".parts"
 TMP_DIR = ".tmp"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: artifacts declare their kind
+
+# What an artifact is, for its consumers: they dispatch on the kind, never on the producing stage's name.
+ARTIFACT_KINDS = ("shards", "embeddings", "clusters", "selection", "labels", "synthetic-set", "model", "experts",
+                  "metrics")
 
 
 class FileEntry(BaseModel):
@@ -47,6 +51,7 @@ class ArtifactManifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     artifact_id: str = Field(description="sha256 of stage, version, params, input ids and source fingerprint")
     stage: str = Field(description="registry name of the stage type")
+    kind: str = Field("", description="what the artifact is: " + ", ".join(ARTIFACT_KINDS))
     name: str = Field(description="name of the stage in the pipeline manifest")
     stage_version: str
     status: Literal["complete"] = "complete"

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.artifacts import Artifact
-from pipeline.config import ManifestError, load_manifest
+from pipeline.config import load_manifest
+from pipeline.errors import DistilleryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distillery: curate, distill and validate image datasets on Dask.")
@@ -45,39 +46,36 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run (or resume) a pipeline: cached stages are skipped, interrupted ones finish their remaining shards."""
-    from pipeline.runner import RunError, Runner
-    from pipeline.cluster import ClusterError
-    from stages.sources import SourceError
+    from pipeline.runner import Runner
 
     try:
         m = load_manifest(manifest, overrides or [])
         with Runner(m, where=str(manifest), overrides=overrides or [], profile=cluster,
                     show_progress=progress) as runner:
             results = runner.run(until=until, force=force or [])
-    except (ManifestError, RunError, ClusterError, SourceError) as e:
+    except DistilleryError as e:
         _fail(str(e))
         return
     table = Table(title=f"{m.name} -> {m.output_dir}")
-    for col in ("stage", "status", "artifact", "in", "out", "rejected", "seconds"):
+    for col in ("stage", "status", "artifact", "in", "out", "rejected", "runs", "seconds"):
         table.add_column(col)
     for r in results:
         c = r.counts
-        table.add_row(r.name, r.status, r.path.name, str(c.get("in", "")), str(c.get("out", "")),
-                      str(c.get("rejected", "")), f"{r.seconds:.1f}")
+        table.add_row(r.name, r.status, r.path.name, *(str(c.get(k, "")) for k in ("in", "out", "rejected", "runs")),
+                      f"{r.seconds:.1f}")
     console.print(table)
 
 
 def _run_steps(name: str, out: Path, steps: list[dict[str, Any]], cluster: str | None, progress: bool):
     """Run an ad-hoc pipeline (stages whose inputs are existing artifacts); exit with a clear error."""
-    from pipeline.cluster import ClusterError
     from pipeline.config import PipelineManifest
-    from pipeline.runner import RunError, Runner
+    from pipeline.runner import Runner
 
     try:
         m = PipelineManifest.model_validate({"name": name, "output_dir": str(out), "stages": steps})
         with Runner(m, where=f"<{name}>", profile=cluster, show_progress=progress) as runner:
             return runner.run()
-    except (ManifestError, RunError, ClusterError, ValueError) as e:
+    except (DistilleryError, ValueError) as e:
         _fail(str(e))
 
 
@@ -113,9 +111,7 @@ def validate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train the recipe on each artifact and report test accuracy (mean ± std over seeds), with the
-    random-subset baseline of the same size."""
-    from stages.validate import format_metrics
-
+    random-subset baseline of the same size. Runs the registered ``validate`` stage."""
     params: dict[str, Any] = {"recipe": recipe, "seeds": [int(x) for x in seeds.split(",")],
                               "overrides": _overrides(epochs, network, set_)}
     if ipc or fraction:
@@ -133,7 +129,8 @@ def validate(
         base = m.get("random_baseline")
         table.add_row(str(a), str(m["n_train"]), f"{m['top1_mean']:.2f} ± {m['top1_std']:.2f}",
                       f"{base['top1_mean']:.2f} ± {base['top1_std']:.2f}" if base else "-", str(r.path))
-        logging.getLogger("distillery").info("validate %s: %s", a, format_metrics(m))
+        logging.getLogger("distillery").info("validate %s: %s", a, json.dumps(
+            {k: m.get(k) for k in ("top1_mean", "top1_std", "n_train")}))
     console.print(table)
 
 
@@ -207,7 +204,8 @@ def show(artifact_dir: Path = typer.Argument(..., help="an artifact directory"))
     except FileNotFoundError as e:
         _fail(str(e))
         return
-    console.print(f"[bold]{m.name}[/] ({m.stage} v{m.stage_version})  id {m.artifact_id[:16]}  {m.created}")
+    console.print(f"[bold]{m.name}[/] ({m.kind} artifact of stage {m.stage} v{m.stage_version})  "
+                  f"id {m.artifact_id[:16]}  {m.created}")
     console.print(f"code {m.code_version}")
     console.print(f"inputs: {m.inputs or '-'}")
     console.print("params: " + json.dumps(m.params, sort_keys=True))
@@ -222,12 +220,21 @@ def show(artifact_dir: Path = typer.Argument(..., help="an artifact directory"))
 
 @app.command()
 def stages() -> None:
-    """List the registered stages and sources."""
-    from pipeline.stage import STAGES
-    from stages.sources import SOURCES
+    """List the registered stages (with the artifact kinds they read and write) and every plug-in family."""
+    from importlib.metadata import entry_points
 
-    console.print("stages: " + ", ".join(STAGES.names()))
-    console.print("sources: " + ", ".join(SOURCES.names()))
+    from pipeline.stage import STAGES
+
+    table = Table(title="stages")
+    for col in ("stage", "inputs (kinds)", "output kind", "resources"):
+        table.add_column(col)
+    for name in STAGES.names():
+        cls = STAGES.get(name)
+        ins = ", ".join(f"{k}: {'|'.join(v) or 'any'}" for k, v in cls.input_kinds.items())
+        table.add_row(name, ins or "-", cls.output_kind, json.dumps(cls.resources) if cls.resources else "-")
+    console.print(table)
+    for ep in sorted(entry_points(group="distillery.families"), key=lambda e: e.name):
+        console.print(f"{ep.name}: " + ", ".join(ep.load().names()))
 
 
 @app.command()

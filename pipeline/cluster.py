@@ -13,13 +13,15 @@ from typing import Any, Iterator
 
 import yaml
 
+from pipeline.errors import DistilleryError
+
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "DISTILLERY_DASK_CONFIG"
 _FALLBACK = {"default-profile": "local", "profiles": {"local": {"kind": "local"}}}
 
 
-class ClusterError(RuntimeError):
+class ClusterError(DistilleryError):
     pass
 
 

@@ -12,10 +12,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.errors import DistilleryError
 from pipeline.stage import STAGES, Stage, StageParams
 
 
-class ManifestError(ValueError):
+class ManifestError(DistilleryError, ValueError):
     """A pipeline manifest (or an override) is invalid; the message names the file and the field."""
 
 
@@ -170,19 +171,37 @@ def resolve(manifest: PipelineManifest, where: str = "<manifest>") -> list[Resol
         inputs = _bind_inputs(spec, cls, resolved, where)
         for key, up in inputs.items():
             if up in known:
-                continue
-            if (Path(up) / "manifest.json").is_file():  # an existing artifact directory
+                kind = next(r.stage_cls.output_kind for r in resolved if r.name == up)
+            elif (Path(up) / "manifest.json").is_file():  # an existing artifact directory
                 inputs[key] = str(Path(up).resolve())
-                continue
-            raise ManifestError(f"{where}: stages[{spec.name}].inputs.{key}: '{up}' is neither an earlier stage "
-                                "nor a complete artifact directory")
+                kind = _artifact_kind(Path(up), f"{where}: stages[{spec.name}].inputs.{key}")
+            else:
+                raise ManifestError(f"{where}: stages[{spec.name}].inputs.{key}: '{up}' is neither an earlier stage "
+                                    "nor a complete artifact directory")
+            accepted = cls.input_kinds.get(key, ())
+            if accepted and kind not in accepted:
+                raise ManifestError(f"{where}: stages[{spec.name}].inputs.{key}: '{up}' is a '{kind}' artifact; "
+                                    f"stage '{cls.name}' takes {' or '.join(repr(k) for k in accepted)} there")
         known.add(spec.name)
         resolved.append(ResolvedStage(spec=spec, stage_cls=cls, params=params, inputs=inputs))
     return resolved
 
 
-def _bind_inputs(spec: StageSpec, cls: type[Stage], earlier: list[ResolvedStage], where: str) -> dict[str, str]:
-    names = list(cls.input_names)
+def _artifact_kind(path: Path, where: str) -> str:
+    import json
+
+    try:
+        kind = json.loads((path / "manifest.json").read_text()).get("kind", "")
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{where}: {path}/manifest.json is unreadable ({e})") from None
+    if not kind:
+        raise ManifestError(f"{where}: {path} was made by an older version of distillery (its manifest declares no "
+                            "kind): re-run the stage that made it")
+    return str(kind)
+
+
+def _bind_inputs(spec: StageSpec, cls: type[Stage[Any]], earlier: list[ResolvedStage], where: str) -> dict[str, str]:
+    names = list(cls.input_names())
     if spec.inputs is None:
         if not names:
             return {}

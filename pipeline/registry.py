@@ -1,12 +1,18 @@
 """One small registry type for every plug-in family (stages, sources, networks, recipes, ...).
 
-Members register with a decorator; families that live in other packages are also discovered through
-entry points (group ``distillery.<family>``), so ``pipeline`` never imports a plug-in by name.
+Members register with a decorator in their own file. ``pipeline`` never imports a plug-in by name; a registry
+finds its members lazily, the first time it is asked for a name it does not hold, through:
+
+* its entry-point group (``distillery.<family>``): one entry per member, for third-party plug-ins;
+* its plug-in group (``distillery.plugins``): callables that import every member module of an in-tree package
+  (``stages:register_stages`` walks ``stages/``), so a new stage file is found without reinstalling.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -21,11 +27,12 @@ class RegistryError(KeyError, ValueError):
 class Registry(Generic[T]):
     """A name -> object mapping with decorator registration and lazy entry-point discovery."""
 
-    def __init__(self, family: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, family: str, entry_point_group: str | None = None, plugin_group: str | None = None) -> None:
         self.family = family
         self.entry_point_group = entry_point_group
+        self.plugin_group = plugin_group
         self._members: dict[str, T] = {}
-        self._discovered = entry_point_group is None
+        self._discovered = entry_point_group is None and plugin_group is None
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -45,9 +52,19 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True
-        for ep in entry_points(group=self.entry_point_group):
-            if ep.name not in self._members:
-                self._members[ep.name] = ep.load()
+        if self.plugin_group:
+            for ep in entry_points(group=self.plugin_group):
+                ep.load()()  # imports the package's member modules; their decorators register them
+        if self.entry_point_group:
+            for ep in entry_points(group=self.entry_point_group):
+                if ep.name not in self._members:
+                    self._members[ep.name] = ep.load()
+
+    def entry_point_names(self) -> dict[str, str]:
+        """Entry-point name -> target (``module:attr``) of this family's group, without loading them."""
+        if not self.entry_point_group:
+            return {}
+        return {ep.name: ep.value for ep in entry_points(group=self.entry_point_group)}
 
     def get(self, name: str) -> T:
         if name not in self._members:
@@ -73,3 +90,11 @@ class Registry(Generic[T]):
 
 def _qualname(obj: object) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def import_modules(package: str, path: Iterable[str]) -> None:
+    """Import the top-level modules of a package (not sub-packages, not ``_private``): how an in-tree package
+    registers the plug-ins defined in its files."""
+    for m in pkgutil.iter_modules(list(path)):
+        if not m.ispkg and not m.name.startswith("_"):
+            importlib.import_module(f"{package}.{m.name}")

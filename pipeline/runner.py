@@ -21,15 +21,16 @@ from pipeline.artifacts import (
 )
 from pipeline.atomic import atomic_path, sha256_file, write_json
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
+from pipeline.errors import DistilleryError
 from pipeline.events import EventLog
 from pipeline.progress import StageProgress
-from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Task, TaskContext
+from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Task, TaskContext, identity_params
 
 PLAN_FILE = ".plan.pkl"
 RUN_FILE = "run.json"
 
 
-class RunError(RuntimeError):
+class RunError(DistilleryError):
     pass
 
 
@@ -202,7 +203,10 @@ class Runner:
     def identify(self, step: ResolvedStage, results: dict[str, StageResult]) -> tuple[str, dict[str, str], str]:
         stage = step.stage()
         input_ids = {k: results[v].artifact_id for k, v in step.inputs.items()}
-        params = step.params.model_dump(mode="json")
+        params = identity_params(step.params)
+        extra = stage.identity(step.params)
+        if extra:
+            params = {**params, "__identity__": extra}
         fp = stage.fingerprint(step.params)
         return compute_artifact_id(stage.name, stage.version, params, input_ids, fp), input_ids, fp
 
@@ -252,7 +256,8 @@ class Runner:
         finalize_s = time.perf_counter() - tf
 
         manifest = ArtifactManifest(
-            artifact_id=artifact_id, stage=stage.name, name=step.name, stage_version=stage.version,
+            artifact_id=artifact_id, stage=stage.name, kind=stage.output_kind, name=step.name,
+            stage_version=stage.version,
             params=step.params.model_dump(mode="json"), inputs=input_ids, fingerprint=fingerprint,
             code_version=code_version(), created=now_iso(), counts=summary.counts, parts=ordered, files=files,
             timings={"plan_s": round(plan_s, 3), "run_s": round(run_s, 3), "finalize_s": round(finalize_s, 3),

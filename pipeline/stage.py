@@ -10,23 +10,46 @@ task's files, retries, progress, cluster scheduling with the declared ``resource
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Sequence, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.artifacts import Artifact, ArtifactManifest, FileEntry, PartRecord
 from pipeline.atomic import atomic_path, sha256_file
 from pipeline.registry import Registry
 
 R = TypeVar("R")
+EXECUTION_ONLY = "execution_only"
 
 
 class StageParams(BaseModel):
     """Base of every stage's ``Params``: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+P = TypeVar("P", bound=StageParams)
+
+
+def execution_only(default: Any = None, **kw: Any) -> Any:
+    """A parameter that changes how a stage runs (device, progress, plots), never what its outputs mean:
+    it is recorded in the manifest but left out of the artifact id, so changing it reuses the cache."""
+    extra = dict(kw.pop("json_schema_extra", None) or {})
+    extra[EXECUTION_ONLY] = True
+    return Field(default, json_schema_extra=extra, **kw)
+
+
+def identity_params(params: StageParams) -> dict[str, Any]:
+    """The parameters that enter the artifact id: everything except ``execution_only`` fields."""
+    data = params.model_dump(mode="json")
+    for name, info in type(params).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get(EXECUTION_ONLY):
+            data.pop(name, None)
+    return data
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,17 @@ def _serial_map(fn: Callable[[Any], R], items: Sequence[Any]) -> list[R]:
     return [fn(x) for x in items]
 
 
+CHECKPOINT_DIR = ".ckpt"
+CACHE_ENV = "DISTILLERY_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where derived, re-computable data (decoded image caches, fitted transforms) lives: never inside an
+    artifact, which is immutable once committed. ``$DISTILLERY_CACHE_DIR``, else ``~/.cache/distillery``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "distillery"
+
+
 @dataclass
 class PlanContext:
     """Driver-side context. ``map`` runs a pure function over items on the cluster (e.g. scan a source)."""
@@ -73,17 +107,39 @@ class PlanContext:
     out_dir: Path
     inputs: dict[str, InputArtifact]
     map: Mapper = _serial_map
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+
+
+ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (task id, done, total, metrics)
 
 
 class TaskContext:
-    """Worker-side context: where to write, and a per-worker object cache (models load once per worker)."""
+    """Worker-side context: where to write, a per-worker object cache (models load once per worker), a checkpoint
+    directory that survives a kill, the declared cache location and a progress reporter."""
 
-    def __init__(self, out_dir: Path, inputs: dict[str, InputArtifact], cache: dict[str, Any] | None = None):
+    def __init__(self, out_dir: Path, inputs: dict[str, InputArtifact], cache: dict[str, Any] | None = None, *,
+                 task_id: str = "task", cache_dir: Path | None = None, progress: ProgressFn | None = None):
         self.out_dir = out_dir
         self.inputs = inputs
+        self.task_id = task_id
+        self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
         self._outputs: list[tuple[Path, Path]] = []
         self._cache = cache if cache is not None else {}
+        self._progress = progress
         self.tmp_dir = out_dir / ".tmp"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<artifact>/.ckpt/<task>/``: a long task saves its state here and resumes from it after a kill.
+        The runner removes ``.ckpt`` once the artifact is complete."""
+        path = self.out_dir / CHECKPOINT_DIR / self.task_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def progress(self, done: int, total: int, **metrics: Any) -> None:
+        """Report progress inside a task (epochs, iterations, images): the driver's display and events.jsonl."""
+        if self._progress is not None:
+            self._progress(self.task_id, int(done), int(total), metrics)
 
     def output(self, relpath: str) -> Path:
         """A temporary path for ``relpath``; it is renamed into place when the task commits.
@@ -93,7 +149,7 @@ class TaskContext:
         final = self.out_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{os.getpid()}-{len(self._outputs)}-{final.name}"
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}-{final.name}"  # unique across hosts, processes, threads
         self._outputs.append((tmp, final))
         return tmp
 
@@ -128,6 +184,7 @@ class TaskContext:
 class FinalizeContext:
     out_dir: Path
     inputs: dict[str, InputArtifact]
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
 
     def path(self, relpath: str) -> Path:
         p = self.out_dir / relpath
@@ -135,33 +192,45 @@ class FinalizeContext:
         return p
 
 
-class Stage:
-    """Base class of all stages. Subclasses set ``name``, ``version``, ``Params`` and ``resources``."""
+class Stage(Generic[P]):
+    """Base class of all stages. Subclasses set ``name``, ``version``, ``Params``, ``resources``, the kinds of
+    artifact they read (``input_kinds``) and the kind they write (``output_kind``)."""
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     Params: ClassVar[type[StageParams]] = StageParams
     resources: ClassVar[dict[str, float]] = {}
-    # names of inputs the stage needs, in order; the manifest's ``inputs:`` binds them to stages
-    input_names: ClassVar[tuple[str, ...]] = ()
+    # input name -> accepted artifact kinds (empty: any), in binding order; ``inputs:`` binds them to steps
+    input_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}
+    output_kind: ClassVar[str] = ""
     # whether the pipeline manifest's top-level ``source:`` is injected as ``params.source``
     takes_source: ClassVar[bool] = False
 
-    def validate(self, params: StageParams) -> None:
+    @classmethod
+    def input_names(cls) -> tuple[str, ...]:
+        return tuple(cls.input_kinds)
+
+    def validate(self, params: P) -> None:
         """Cheap checks of external inputs, run for every stage before any stage starts work."""
 
-    def fingerprint(self, params: StageParams) -> str:
+    def fingerprint(self, params: P) -> str:
         """Identity of external inputs (a source's files) folded into the artifact id."""
         return ""
 
-    def plan(self, inputs: dict[str, InputArtifact], params: StageParams, ctx: PlanContext) -> list[Task]:
+    def identity(self, params: P) -> dict[str, Any]:
+        """What else determines the outputs besides the parameters as written (e.g. the resolved contents of a
+        recipe named in them); folded into the artifact id."""
+        return {}
+
+    def plan(self, inputs: dict[str, InputArtifact], params: P, ctx: PlanContext) -> list[Task]:
         raise NotImplementedError
 
-    def run(self, task: Task, params: StageParams, ctx: TaskContext) -> dict[str, Any]:
+    def run(self, task: Task, params: P, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError
 
-    def finalize(self, parts: list[PartRecord], params: StageParams, ctx: FinalizeContext) -> Summary:
+    def finalize(self, parts: list[PartRecord], params: P, ctx: FinalizeContext) -> Summary:
         return Summary()
 
 
-STAGES: Registry[type[Stage]] = Registry("stage", entry_point_group="distillery.stages")
+STAGES: Registry[type[Stage[Any]]] = Registry("stage", entry_point_group="distillery.stages",
+                                              plugin_group="distillery.plugins")

@@ -29,9 +29,9 @@ from pydantic import field_validator
 from pipeline.atomic import atomic_path, write_json
 from pipeline.artifacts import PartRecord
 from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Stage, StageParams, STAGES, Summary, Task, TaskContext
-from stages.images import Decoded, ImageError, ResizeParams, process_many
+from stages.imaging.verify import Decoded, ImageError, ResizeParams, process_many
 from stages.sources import SOURCES, SampleRef, SourceError, make_source
-from stages.wds import TarShardWriter
+from stages.imaging.tar_writer import TarShardWriter
 
 DECODE_BATCH = 256
 SPLIT_ORDER = ("train", "val", "validation", "valid", "test")
@@ -146,20 +146,22 @@ def find_duplicates(refs: list[SampleRef], spec: dict[str, Any], scope: str, ctx
     return dups
 
 
-class ShardStage(Stage):
+@STAGES.register()
+class ShardStage(Stage[ShardParams]):
     name = "shard"
     version = "2"  # 2: index carries each image's byte offset in its tar
     Params = ShardParams
+    output_kind = "shards"
     takes_source = True
 
-    def validate(self, params: ShardParams) -> None:  # type: ignore[override]
+    def validate(self, params: ShardParams) -> None:
         make_source(params.source).check()
 
-    def fingerprint(self, params: ShardParams) -> str:  # type: ignore[override]
+    def fingerprint(self, params: ShardParams) -> str:
         return make_source(params.source).fingerprint()
 
     # -- driver --------------------------------------------------------------------------------------
-    def plan(self, inputs: dict[str, InputArtifact], params: ShardParams, ctx: PlanContext) -> list[Task]:  # type: ignore[override]
+    def plan(self, inputs: dict[str, InputArtifact], params: ShardParams, ctx: PlanContext) -> list[Task]:
         source = make_source(params.source)
         source.check()
         refs = source.scan(ctx.map)
@@ -199,7 +201,7 @@ class ShardStage(Stage):
         return tasks
 
     # -- worker --------------------------------------------------------------------------------------
-    def run(self, task: Task, params: ShardParams, ctx: TaskContext) -> dict[str, Any]:  # type: ignore[override]
+    def run(self, task: Task, params: ShardParams, ctx: TaskContext) -> dict[str, Any]:
         p = task.payload
         shard, split, classes = p["shard"], p["split"], p["classes"]
         kd = key_digits(params.samples_per_shard)
@@ -267,7 +269,7 @@ class ShardStage(Stage):
         return row
 
     # -- driver --------------------------------------------------------------------------------------
-    def finalize(self, parts: list[PartRecord], params: ShardParams, ctx: FinalizeContext) -> Summary:  # type: ignore[override]
+    def finalize(self, parts: list[PartRecord], params: ShardParams, ctx: FinalizeContext) -> Summary:
         out = ctx.out_dir
         shard_files = [f.path for p in parts for f in p.files if f.path.endswith(".parquet")]
         index = _concat([out / f for f in shard_files if not f.endswith("_rejects.parquet")], SHARD_SCHEMA)
@@ -295,7 +297,7 @@ class ShardStage(Stage):
             "bytes": sum(p.info["bytes"] for p in parts),
         }
         if params.sample_grid and index.num_rows:
-            from stages.grid import sample_grid
+            from stages.imaging.grid import sample_grid
 
             with atomic_path(ctx.path("samples.png")) as tmp:
                 sample_grid(out, index, tmp)
@@ -314,5 +316,3 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
-
-STAGES.add("shard", ShardStage)

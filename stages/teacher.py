@@ -21,9 +21,10 @@ from torch import nn
 from pipeline.artifacts import PartRecord
 from pipeline.atomic import atomic_path
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
-from stages.networks import create_network
-from stages.trainer import train
-from stages.trainstage import TrainingParams, device, optional_test, trainset
+from stages.train.networks import create_network
+from stages.train.trainer import train
+from stages.train.training_sets import TRAINING_KINDS
+from stages.train.stage_support import TrainingParams, device, optional_test, trainset
 
 TEACHER_FORMAT = "distillery.teacher.v1"
 
@@ -71,17 +72,19 @@ def load_teacher(artifact: str | Path, fold: int = 0) -> Teacher:
     return Teacher(net.eval(), tuple(ck["mean"]), tuple(ck["std"]), {k: ck[k] for k in ("classes", "recipe", "seed")})
 
 
-class TeacherStage(Stage):
+@STAGES.register()
+class TeacherStage(Stage[TeacherParams]):
     name = "teacher"
     version = "1"
     Params = TeacherParams
-    input_names = ("data",)
+    input_kinds = {"data": TRAINING_KINDS}
+    output_kind = "model"
     resources = {"GPU": 1}
 
-    def plan(self, inputs: dict[str, InputArtifact], params: TeacherParams, ctx: PlanContext) -> list[Task]:  # type: ignore[override]
+    def plan(self, inputs: dict[str, InputArtifact], params: TeacherParams, ctx: PlanContext) -> list[Task]:
         return [Task(id=f"fold_{k}", payload=k) for k in range(max(params.folds, 1))]
 
-    def run(self, task: Task, params: TeacherParams, ctx: TaskContext) -> dict[str, Any]:  # type: ignore[override]
+    def run(self, task: Task, params: TeacherParams, ctx: TaskContext) -> dict[str, Any]:
         inp = ctx.inputs["data"]
         ts = trainset(ctx, inp, params)
         k, folds = task.payload, max(params.folds, 1)
@@ -111,14 +114,14 @@ class TeacherStage(Stage):
             "held_out": [ts.uids[i] for i in held] if ts.uids else [], "test": res.test})
         return info
 
-    def finalize(self, parts: list[PartRecord], params: TeacherParams, ctx: FinalizeContext) -> Summary:  # type: ignore[override]
+    def finalize(self, parts: list[PartRecord], params: TeacherParams, ctx: FinalizeContext) -> Summary:
         files: list[str] = []
         metrics: dict[str, Any] = {"folds": [p.info for p in parts]}
         tops = [p.info["test"]["top1"] for p in parts if p.info.get("test")]
         if tops:
             metrics["test_top1_mean"] = float(np.mean(tops))
         if params.folds > 1:
-            from stages.trainsets import load_trainset
+            from stages.train.training_sets import load_trainset
 
             ts = load_trainset(ctx.inputs["data"].path, params.train_split, params.image_size)
             probs = np.zeros((len(ts), ts.num_classes), dtype=np.float32)
@@ -136,14 +139,14 @@ class TeacherStage(Stage):
             tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         files.append("metrics.json")
         n = sum(p.info["n_train"] for p in parts)
-        return Summary(counts={"in": n, "out": len(parts), "rejected": 0}, metrics=metrics, files=files)
+        return Summary(counts={"runs": len(parts), "train_samples": n}, metrics=metrics, files=files)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, mean: Any, std: Any, dev: torch.device,
             batch: int = 1024) -> np.ndarray:
     """Softmax probabilities of uint8 images (NHWC or NCHW) under the model's normalisation."""
-    from stages.trainer import Normalizer, to_nchw
+    from stages.train.trainer import Normalizer, to_nchw
 
     model = model.to(dev).eval()
     norm = Normalizer(mean, std, dev)
@@ -151,5 +154,3 @@ def predict(model: nn.Module, images: torch.Tensor, mean: Any, std: Any, dev: to
     out = [torch.softmax(model(norm(x[i:i + batch].to(dev))).float(), 1).cpu() for i in range(0, len(x), batch)]
     return torch.cat(out).numpy()
 
-
-STAGES.add("teacher", TeacherStage)

@@ -20,9 +20,9 @@ from pipeline.artifacts import PartRecord
 from pipeline.atomic import write_json
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
 from stages.teacher import load_teacher
-from stages.trainer import EpochStats, plot_curves, train
-from stages.trainsets import SubsetSpec, TrainSet, balanced_subset, class_counts, load_trainset
-from stages.trainstage import TrainingParams, device, tensors, testset, trainset
+from stages.train.trainer import EpochStats, plot_curves, train
+from stages.train.training_sets import TRAINING_KINDS, SubsetSpec, TrainSet, balanced_subset, class_counts, load_trainset
+from stages.train.stage_support import TrainingParams, device, tensors, testset, trainset
 
 
 class ValidateParams(TrainingParams):
@@ -36,7 +36,8 @@ class ValidateParams(TrainingParams):
 def select(ts: TrainSet, kind: str, params: ValidateParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and targets one run trains on."""
     if kind == "baseline":
-        assert ts.pool is not None
+        if ts.pool is None:
+            raise ValueError("a random baseline needs the pool the set was drawn from")
         idx = balanced_subset(ts.pool.labels, per_class=class_counts(ts.targets, ts.num_classes), seed=seed)
         return torch.from_numpy(np.ascontiguousarray(ts.pool.images[idx])), torch.from_numpy(ts.pool.labels[idx])
     if params.subset is not None:
@@ -58,14 +59,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "wall_time_s": statistics.fmean(r["wall_time"] for r in runs)}
 
 
-class ValidateStage(Stage):
+@STAGES.register()
+class ValidateStage(Stage[ValidateParams]):
     name = "validate"
     version = "1"
     Params = ValidateParams
-    input_names = ("train", "test", "teacher")  # test defaults to train's test split; teacher enables KD
+    # test defaults to train's test split; teacher enables KD
+    input_kinds = {"train": TRAINING_KINDS, "test": ("shards",), "teacher": ("model",)}
+    output_kind = "metrics"
     resources = {"GPU": 1}
 
-    def plan(self, inputs: dict[str, InputArtifact], params: ValidateParams, ctx: PlanContext) -> list[Task]:  # type: ignore[override]
+    def plan(self, inputs: dict[str, InputArtifact], params: ValidateParams, ctx: PlanContext) -> list[Task]:
         kinds = ["set"]
         if params.baseline and params.subset is None:
             ts = load_trainset(inputs["train"].path, params.train_split, params.image_size)
@@ -73,7 +77,7 @@ class ValidateStage(Stage):
                 kinds.append("baseline")
         return [Task(id=f"{k}-seed{s}", payload={"kind": k, "seed": s}) for k in kinds for s in params.seeds]
 
-    def run(self, task: Task, params: ValidateParams, ctx: TaskContext) -> dict[str, Any]:  # type: ignore[override]
+    def run(self, task: Task, params: ValidateParams, ctx: TaskContext) -> dict[str, Any]:
         kind, seed = task.payload["kind"], task.payload["seed"]
         ts = trainset(ctx, ctx.inputs["train"], params)
         test = tensors(testset(ctx, ctx.inputs.get("test", ctx.inputs["train"]), params))
@@ -98,7 +102,7 @@ class ValidateStage(Stage):
         shutil.rmtree(ckpt, ignore_errors=True)
         return {k: record[k] for k in ("kind", "seed", "n_train", "test", "images_per_sec", "wall_time")}
 
-    def finalize(self, parts: list[PartRecord], params: ValidateParams, ctx: FinalizeContext) -> Summary:  # type: ignore[override]
+    def finalize(self, parts: list[PartRecord], params: ValidateParams, ctx: FinalizeContext) -> Summary:
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for p in parts:
             by_kind.setdefault(p.info["kind"], []).append(p.info)
@@ -116,7 +120,7 @@ class ValidateStage(Stage):
         plot_curves(curves, ctx.path("curves.png"))
         shutil.rmtree(ctx.out_dir / ".ckpt", ignore_errors=True)
         n = metrics["n_train"]
-        return Summary(counts={"in": n, "out": len(parts), "rejected": 0}, metrics=metrics,
+        return Summary(counts={"runs": len(parts), "train_samples": n}, metrics=metrics,
                        files=["metrics.json", "curves.png"])
 
 
@@ -127,5 +131,3 @@ def format_metrics(m: dict[str, Any]) -> str:
         s += f"  (random subset of the same size: {b['top1_mean']:.2f} ± {b['top1_std']:.2f})"
     return s
 
-
-STAGES.add("validate", ValidateStage)

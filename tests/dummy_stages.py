@@ -17,7 +17,8 @@ class CountParams(StageParams):
 class CountLabels(Stage):
     name = "count-labels"
     Params = CountParams
-    input_names = ("shards",)
+    input_kinds = {"shards": ("shards",)}
+    output_kind = "metrics"
 
     def plan(self, inputs, params, ctx):
         shards = inputs["shards"].path
@@ -48,6 +49,7 @@ class ModelPerWorker(Stage):
 
     name = "model-per-worker"
     Params = NoParams
+    output_kind = "metrics"
     resources = {"GPU": 1}
 
     def plan(self, inputs, params, ctx):

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.errors import InputError
 from pipeline.registry import Registry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -20,7 +21,7 @@ SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The source as a whole is unusable (missing, empty, wrong format): raised before any work starts."""
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import dummy_stages  # noqa: F401  (registers count-labels)
-from conftest import make_tree, run_pipeline
+from conftest import REPO, make_tree, run_pipeline
 from pipeline.config import ManifestError, load_manifest
 
 
@@ -73,11 +73,11 @@ def test_manifest_errors_name_file_and_field(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path / "missing.yaml")
     with pytest.raises(ManifestError, match="no stage named 'zzz'"):
-        load_manifest(Path(__file__).parent.parent / "manifests" / "quickstart.yaml", ["stages.zzz.x=1"])
+        load_manifest(REPO / "manifests" / "quickstart.yaml", ["stages.zzz.x=1"])
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    m = load_manifest(Path(__file__).parent.parent / "manifests" / "quickstart.yaml",
+    m = load_manifest(REPO / "manifests" / "quickstart.yaml",
                       ["output_dir=/tmp/elsewhere", "stages.shard.samples_per_shard=17", "stages.shard.dedup=false",
                        "cluster.profile=address"])
     assert str(m.output_dir) == "/tmp/elsewhere"
@@ -89,7 +89,7 @@ def test_artifact_manifest_schema_is_current():
     """manifests/schema/artifact_manifest.schema.json is generated from the model: keep them in sync."""
     from pipeline.artifacts import manifest_json_schema
 
-    path = Path(__file__).parent.parent / "manifests" / "schema" / "artifact_manifest.schema.json"
+    path = REPO / "manifests" / "schema" / "artifact_manifest.schema.json"
     assert json.loads(path.read_text()) == manifest_json_schema(), "run: distillery schema --out " + str(path)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.registry import RegistryError
-from stages.augment import (AUGMENTATIONS, DSA_FAMILIES, CropFlipParams, DSAParams, crop_flip, dsa,
+from stages.train.augment import (AUGMENTATIONS, DSA_FAMILIES, CropFlipParams, DSAParams, crop_flip, dsa,
                             make_augmentation)
 
 

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from stages.networks import create_network, flat_params, num_params
-from stages.trajectories import (EXPERT_FORMAT, ExpertBuffer, ExpertFormatError, build_expert_buffer,
-                                 expert_path, expert_recipe, load_expert, save_expert, train_expert)
+from stages.train.networks import create_network, flat_params, num_params
+from distill.buffer import EXPERT_FORMAT, ExpertBuffer, ExpertFormatError, expert_path, load_expert, save_expert
+from distill.trajectories import build_expert_buffer, expert_recipe, train_expert
 
 NET = {"width": 8, "depth": 2}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.grid import read_at
+from stages.imaging.grid import read_at
 from conftest import CLASSES, jpeg_bytes, make_tree, run_pipeline, tree_bytes
 
 

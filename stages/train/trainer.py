@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.atomic import atomic_path
-from stages.augment import make_augmentation
-from stages.losses import make_loss
-from stages.networks import create_network
-from stages.recipes import Recipe, lr_factor
+from stages.train.augment import make_augmentation
+from stages.train.losses import make_loss
+from stages.train.networks import create_network
+from stages.train.recipes import Recipe, lr_factor
 
 CHECKPOINT_FORMAT = "distillery.trainer.checkpoint.v1"
 WHITEN_INIT_IMAGES = 5000  # images used by networks with a data-dependent init (airbench's whitening stem)
@@ -318,7 +318,8 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
             callback(0, model, None)
 
     def run_test() -> dict[str, float]:
-        assert test is not None
+        if test is None:
+            raise ValueError("no test set to evaluate on")
         return evaluate(model, test[0], test[1], mean=mean, std=std, batch_size=recipe.eval_batch_size,
                         device=dev, precision=recipe.precision)
 

@@ -7,7 +7,6 @@ DataLoader workers. The choice is automatic by decoded size and can be forced.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,11 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
+from stages.imaging.decode import decode
 
 MEMORY_LIMIT_BYTES = 4 << 30  # decoded size above which 'auto' streams
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 
@@ -63,29 +64,6 @@ def read_index(artifact: Path, split: str, uids: Sequence[str] | None = None):
     if uids is not None:
         table = table.filter(pc.is_in(table["uid"], value_set=__import__("pyarrow").array(list(uids))))
     return table
-
-
-def decode(data: bytes, size: int | None) -> np.ndarray:
-    """RGB uint8 H x W x 3; resized (shorter side, centre crop) only if ``size`` is given and differs."""
-    arr: np.ndarray | None = None
-    if data[:3] == b"\xff\xd8\xff":
-        import simplejpeg
-
-        try:
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ValueError:
-            arr = None
-    if arr is None or (size is not None and arr.shape[:2] != (size, size)):
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if size is not None and img.size != (size, size):
-            s = size / min(img.size)
-            img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.BICUBIC)
-            left, top = (img.width - size) // 2, (img.height - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        arr = np.asarray(img)
-    return arr
 
 
 def decoded_bytes(table, size: int | None) -> int:
@@ -134,7 +112,8 @@ def decode_rows(artifact: Path, split: str, rows: list[dict], size: int | None) 
     finally:
         for f in handles.values():
             f.close()  # type: ignore[attr-defined]
-    assert out is not None
+    if out is None:
+        raise DataError(f"{artifact}: no rows to decode in split '{split}'")
     return out
 
 

@@ -7,9 +7,9 @@ from typing import Any, Literal
 import torch
 
 from pipeline.stage import InputArtifact, StageParams, TaskContext
-from stages.data import ImageSet, load_images
-from stages.recipes import Recipe, load_recipe
-from stages.trainsets import TrainSet, load_trainset
+from stages.train.image_data import ImageSet, load_images
+from stages.train.recipes import Recipe, load_recipe
+from stages.train.training_sets import TrainSet, load_trainset
 
 
 class TrainingParams(StageParams):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from pipeline.registry import RegistryError
-from stages.networks import (NETWORKS, create_network, flat_params, functional_forward, num_params,
+from stages.train.networks import (NETWORKS, create_network, flat_params, functional_forward, num_params,
                              unflatten_params)
 
 

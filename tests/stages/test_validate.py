@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import torch
 
 from conftest import run_pipeline
-from stages.data import ImageSet
-from stages.trainsets import SubsetSpec, TrainSet, balanced_subset, class_counts
+from stages.train.image_data import ImageSet
+from stages.train.training_sets import SubsetSpec, TrainSet, balanced_subset, class_counts
 from stages.validate import ValidateParams, select
 
 SMALL = {"epochs": 25, "network_kwargs": {"width": 16, "norm": "instancenorm"}}
@@ -69,7 +69,7 @@ def test_out_of_fold_teachers_and_kd_validation(digits_shards, tmp_path, client)
 
 
 def test_experts_stage_writes_a_readable_buffer(digits_shards, tmp_path, client):
-    from stages.trajectories import ExpertBuffer
+    from distill.buffer import ExpertBuffer
 
     res = run_pipeline({"name": "e", "output_dir": str(tmp_path / "run"), "stages": [
         {"name": "experts", "inputs": {"data": str(digits_shards.path)},
@@ -83,7 +83,7 @@ def test_experts_stage_writes_a_readable_buffer(digits_shards, tmp_path, client)
 
 
 def test_streamed_training_covers_every_sample_and_learns(digits_shards, tmp_path, client):
-    from stages.data import ShardStream, choose_mode
+    from stages.train.image_data import ShardStream, choose_mode
 
     assert choose_mode(digits_shards.path, "train", None, "auto") == "memory"
     assert choose_mode(digits_shards.path, "train", None, "auto", limit=1000) == "stream"

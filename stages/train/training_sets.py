@@ -1,7 +1,8 @@
 """What the trainer trains on, whatever artifact it comes from: images + hard or soft targets.
 
-Each artifact kind registers a loader under its stage name in ``TRAINSETS`` (shards here; selections,
-relabelled and distilled sets register theirs where they are defined). A loader returns a ``TrainSet``:
+Each artifact kind registers a loader under its kind in ``TRAINSETS`` (``shards`` here; selections,
+labels and synthetic sets register theirs where they are defined): consumers dispatch on the kind, never on the
+name of the stage that made the artifact. A loader returns a ``TrainSet``:
 the images, their targets, and the *pool* they were chosen from, so the validator can always train the
 random-subset baseline of the same size under the same recipe.
 """
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.artifacts import Artifact
 from pipeline.registry import Registry
-from stages.data import ImageSet, ShardStream, choose_mode, load_images
+from stages.train.image_data import ImageSet, ShardStream, choose_mode, load_images
 
 
 @dataclass
@@ -35,6 +36,8 @@ class TrainSet:
         return len(self.images) if self.info.get("mode") == "stream" else len(self.targets)
 
 
+# artifact kinds a training set can be loaded from (each registers a loader below or where it is defined)
+TRAINING_KINDS = ("shards", "selection", "labels", "synthetic-set")
 Loader = Callable[..., TrainSet]  # (path, split, size, mode) -> TrainSet
 TRAINSETS: Registry[Loader] = Registry("training-set loader", entry_point_group="distillery.trainsets")
 
@@ -44,7 +47,7 @@ def from_images(s: ImageSet, pool: ImageSet | None = None) -> TrainSet:
                     s.classes, s.uids, pool)
 
 
-@TRAINSETS.register("shard")
+@TRAINSETS.register("shards")
 def _shards(path: Path, split: str, size: int | None, mode: str = "auto") -> TrainSet:
     """Decoded into memory when it fits (``MEMORY_LIMIT_BYTES``), else streamed from the shards."""
     if choose_mode(path, split, size, mode) == "stream":  # type: ignore[arg-type]
@@ -58,8 +61,8 @@ def _shards(path: Path, split: str, size: int | None, mode: str = "auto") -> Tra
 
 def load_trainset(path: str | Path, split: str = "train", size: int | None = None, mode: str = "auto") -> TrainSet:
     path = Path(path)
-    stage = Artifact(path).manifest().stage
-    return TRAINSETS.get(stage)(path, split, size, mode)
+    kind = Artifact(path).manifest().kind
+    return TRAINSETS.get(kind)(path, split, size, mode)
 
 
 class SubsetSpec(BaseModel):

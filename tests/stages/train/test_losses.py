@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.registry import RegistryError
-from stages.losses import LossSpec, cross_entropy, kd_loss, make_loss
+from stages.train.losses import LossSpec, cross_entropy, kd_loss, make_loss
 
 S = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
 T = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])

@@ -33,10 +33,10 @@ def test_convnet_on_two_cifar_classes_beats_chance(cifar_shards):
     import numpy as np
     import torch
 
-    from stages.data import load_images
-    from stages.recipes import load_recipe
-    from stages.trainer import train
-    from stages.trainsets import balanced_subset
+    from stages.train.image_data import load_images
+    from stages.train.recipes import load_recipe
+    from stages.train.trainer import train
+    from stages.train.training_sets import balanced_subset
 
     tr, te = load_images(cifar_shards.path, "train"), load_images(cifar_shards.path, "test")
     two = lambda s: np.flatnonzero(s.labels < 2)  # noqa: E731

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.networks import create_network, num_params
-from stages.recipes import RECIPES, RecipeError, ScheduleSpec, load_recipe, lr_factor
-from stages.trainer import channel_stats, evaluate, plot_curves, train, train_seeds
+from stages.train.networks import create_network, num_params
+from stages.train.recipes import RECIPES, RecipeError, ScheduleSpec, load_recipe, lr_factor
+from stages.train.trainer import channel_stats, evaluate, plot_curves, train, train_seeds
 
 NUM_CLASSES = 4
 

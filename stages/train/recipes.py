@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.registry import Registry
-from stages.augment import make_augmentation
-from stages.losses import LossSpec, make_loss
+from stages.train.augment import make_augmentation
+from stages.train.losses import LossSpec, make_loss
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 RECIPES: Registry[Path | "Recipe"] = Registry("recipe")
@@ -61,7 +61,7 @@ def lr_factor(schedule: ScheduleSpec, step: int, steps_per_epoch: int, epochs: i
 class AugSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "none"  # a member of stages.augment.AUGMENTATIONS
+    name: str = "none"  # a member of stages.train.augment.AUGMENTATIONS
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -72,7 +72,7 @@ class Recipe(BaseModel):
 
     name: str = "custom"
     description: str = ""
-    network: str  # a member of stages.networks.NETWORKS or 'timm:<model>'
+    network: str  # a member of stages.train.networks.NETWORKS or 'timm:<model>'
     network_kwargs: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)

@@ -1,4 +1,4 @@
-"""Expert trajectories for trajectory matching (MTT, FTD, TESLA, FYI-MTT): training, file format, reader.
+"""Expert-trajectory buffers (MTT, FTD, TESLA, FYI-MTT): the file format, one expert per file, and its reader.
 
 Buffer format ``distillery.expert.v1``: a directory of ``expert_{i:04d}.pt`` files, one expert each (TESLA's
 layout, so a buffer grows and resumes one expert at a time). Each file is a ``torch.save``'d dict::
@@ -27,10 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.atomic import atomic_path
-from stages.losses import LossSpec
-from stages.networks import create_network, flat_params, num_params
-from stages.recipes import AugSpec, Recipe, ScheduleSpec
-from stages.trainer import train
+from stages.train.networks import create_network, num_params
 
 EXPERT_FORMAT = "distillery.expert.v1"
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -58,38 +55,6 @@ class Expert:
         net = create_network(self.network, self.num_classes, **self.network_kwargs)
         torch.nn.utils.vector_to_parameters(self.params[epoch].clone(), net.parameters())
         return net
-
-
-def expert_recipe(network: str = "convnet", network_kwargs: dict[str, Any] | None = None, *, epochs: int = 50,
-                  lr: float = 0.01, batch_size: int = 256, augmentation: AugSpec | None = None) -> Recipe:
-    """The buffer protocol of MTT/TESLA: SGD, constant lr, momentum 0, weight decay 0, DSA, CE."""
-    return Recipe(name="expert", network=network, network_kwargs=network_kwargs or {}, epochs=epochs,
-                  batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0,
-                  schedule=ScheduleSpec(name="constant"), augmentation=augmentation or AugSpec(name="dsa"),
-                  loss=LossSpec(name="ce"))
-
-
-def train_expert(images: Tensor, labels: Tensor, *, num_classes: int, seed: int = 0,
-                 device: str | torch.device = "cpu", network: str = "convnet",
-                 network_kwargs: dict[str, Any] | None = None, epochs: int = 50, lr: float = 0.01,
-                 batch_size: int = 256, augmentation: AugSpec | None = None, **train_kwargs: Any) -> Expert:
-    """Train one expert from a seeded random init and record its flat parameters at init and every epoch.
-
-    ``train_kwargs`` go to ``trainer.train`` (mean/std, test, ...); checkpointing is per expert file instead.
-    """
-    recipe = expert_recipe(network, network_kwargs, epochs=epochs, lr=lr, batch_size=batch_size,
-                           augmentation=augmentation)
-    snapshots: list[Tensor] = []
-
-    def record(epoch: int, model: nn.Module, _: Any) -> None:
-        snapshots.append(flat_params(model).float().cpu())
-
-    result = train(images, labels, recipe, num_classes=num_classes, seed=seed, device=device, callback=record,
-                   **train_kwargs)
-    kwargs = {k: v for k, v in result.network.items() if k not in ("name", "num_classes")}
-    meta = {"seed": seed, "batch_size": batch_size, "augmentation": recipe.augmentation.model_dump(mode="json"),
-            "mean": result.mean, "std": result.std, "test": result.test, "wall_time": result.wall_time}
-    return Expert(network, kwargs, num_classes, epochs, float(lr), torch.stack(snapshots), meta)
 
 
 def save_expert(path: str | Path, expert: Expert) -> Path:
@@ -179,19 +144,3 @@ class ExpertBuffer(Sequence[Expert]):
         """Each expert's [E + 1, P] parameter trajectory, in file order."""
         for i in range(len(self)):
             yield self[i].params
-
-
-def build_expert_buffer(directory: str | Path, images: Tensor, labels: Tensor, *, num_experts: int,
-                        num_classes: int, seed: int = 0, **expert_kwargs: Any) -> ExpertBuffer:
-    """Train experts ``0..num_experts-1`` (seed ``seed + i``) into ``directory``; valid files are kept, so a
-    killed build resumes at the first missing or broken expert."""
-    for i in range(num_experts):
-        path = expert_path(directory, i)
-        if path.exists():
-            try:
-                load_expert(path)
-                continue
-            except ExpertFormatError:
-                pass  # retrain a broken file
-        save_expert(path, train_expert(images, labels, num_classes=num_classes, seed=seed + i, **expert_kwargs))
-    return ExpertBuffer(directory)
