@@ -48,6 +48,7 @@ def naive_loop(archive: Path, work: Path) -> float:
 
 
 def serial_stage(archive: Path, work: Path) -> float:
+    from pipeline.plans import roundtrip
     from pipeline.stage import PlanContext, TaskContext
     from stages.shard import ShardParams, ShardStage
 
@@ -57,9 +58,9 @@ def serial_stage(archive: Path, work: Path) -> float:
     out.mkdir()
     t0 = time.perf_counter()
     stage = ShardStage()
-    tasks = stage.plan({}, params, PlanContext(out, {}))
+    tasks = roundtrip(stage.plan({}, params, PlanContext(out, {})))
     for t in tasks:
-        ctx = TaskContext(out, {})
+        ctx = TaskContext(out, {}, task_id=t.id)
         info = stage.run(t, params, ctx)
         ctx.commit(t.id, info, 0.0)
     return time.perf_counter() - t0

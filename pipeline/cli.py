@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -158,12 +157,11 @@ def stage_state(path: Path) -> tuple[str, str]:
     art = Artifact(path)
     if art.is_complete():
         return "done", ""
+    from pipeline.plans import PLAN_FILE, plan_size
+
     parts = len(art.committed_parts())
-    plan = path / ".plan.pkl"
-    total = "?"
-    if plan.is_file():
-        with open(plan, "rb") as f:
-            total = str(len(pickle.load(f)))
+    n = plan_size(path / PLAN_FILE)
+    total = "?" if n is None else str(n)
     return ("partial" if parts else "pending"), f"{parts}/{total} tasks"
 
 

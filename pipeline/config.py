@@ -48,6 +48,8 @@ class PipelineManifest(BaseModel):
     description: str = ""
     source: dict[str, Any] | None = Field(None, description="raw data source; 'kind' picks the adapter")
     output_dir: Path
+    cache_dir: Path | None = Field(None, description="derived, re-computable data (decoded images); default "
+                                                     "$DISTILLERY_CACHE_DIR or ~/.cache/distillery")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     stages: list[StageSpec]
 

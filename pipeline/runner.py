@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,10 +22,10 @@ from pipeline.atomic import atomic_path, sha256_file, write_json
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
 from pipeline.errors import DistilleryError
 from pipeline.events import EventLog
+from pipeline.plans import PLAN_FILE, load_plan, save_plan
 from pipeline.progress import StageProgress
-from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Task, TaskContext, identity_params
+from pipeline.stage import CHECKPOINT_DIR, FinalizeContext, default_cache_dir, InputArtifact, PlanContext, Task, TaskContext, identity_params
 
-PLAN_FILE = ".plan.pkl"
 RUN_FILE = "run.json"
 
 
@@ -43,6 +42,7 @@ class TaskSpec:
     task: Task
     out_dir: str
     inputs: dict[str, str]
+    cache_dir: str
 
 
 def _worker_cache() -> dict[str, Any]:
@@ -72,7 +72,7 @@ def execute_task(spec: TaskSpec) -> PartRecord:
     stage = spec.stage_cls()
     params = stage.Params.model_validate(spec.params)
     inputs = {k: InputArtifact(Path(v)) for k, v in spec.inputs.items()}
-    ctx = TaskContext(out_dir, inputs, cache=_worker_cache())
+    ctx = TaskContext(out_dir, inputs, cache=_worker_cache(), task_id=spec.task.id, cache_dir=Path(spec.cache_dir))
     t0 = time.perf_counter()
     try:
         info = stage.run(spec.task, params, ctx) or {}
@@ -110,6 +110,7 @@ class Runner:
         self.show_progress = show_progress
         self.retries = retries
         self.events = EventLog(self.out_dir / "events.jsonl")
+        self.cache_dir = Path(manifest.cache_dir).resolve() if manifest.cache_dir else default_cache_dir()
 
     # -- cluster -----------------------------------------------------------------------------------
     @property
@@ -250,7 +251,7 @@ class Runner:
 
         tf = time.perf_counter()
         ordered = [parts[t.id] for t in tasks]
-        fctx = FinalizeContext(out_dir=path, inputs=inputs)
+        fctx = FinalizeContext(out_dir=path, inputs=inputs, cache_dir=self.cache_dir)
         summary = stage.finalize(ordered, step.params, fctx)
         files = [FileEntry(path=f, sha256=sha256_file(path / f), bytes=(path / f).stat().st_size) for f in summary.files]
         finalize_s = time.perf_counter() - tf
@@ -264,8 +265,9 @@ class Runner:
                      "task_s_sum": round(sum(p.seconds for p in ordered), 3)},
             metrics=summary.metrics,
         )
-        if art.tmp_dir.exists():
-            shutil.rmtree(art.tmp_dir)
+        for scratch in (art.tmp_dir, path / CHECKPOINT_DIR):
+            if scratch.exists():
+                shutil.rmtree(scratch)
         art.write_manifest(manifest)
         self._link(step.name, path)
         seconds = time.perf_counter() - t0
@@ -276,16 +278,10 @@ class Runner:
     def _plan(self, stage: Any, step: ResolvedStage, inputs: dict[str, InputArtifact], path: Path) -> list[Task]:
         plan_path = path / PLAN_FILE
         if plan_path.is_file():
-            with open(plan_path, "rb") as f:
-                return pickle.load(f)
-        tasks = stage.plan(inputs, step.params, PlanContext(out_dir=path, inputs=inputs, map=self._map))
-        ids = [t.id for t in tasks]
-        if len(set(ids)) != len(ids):
-            raise RunError(f"stage {step.name}: plan produced duplicate task ids")
-        with atomic_path(plan_path) as tmp:
-            with open(tmp, "wb") as f:
-                pickle.dump(tasks, f, protocol=pickle.HIGHEST_PROTOCOL)
-        return tasks
+            return load_plan(plan_path)
+        tasks = stage.plan(inputs, step.params, PlanContext(out_dir=path, inputs=inputs, map=self._map,
+                                                            cache_dir=self.cache_dir))
+        return save_plan(tasks, plan_path)
 
     def _execute(self, stage: Any, step: ResolvedStage, tasks: list[Task], pending: list[Task],
                  inputs: dict[str, InputArtifact], path: Path) -> dict[str, PartRecord]:
@@ -304,7 +300,8 @@ class Runner:
                                  note="running on workers without them")
                 resources = None
         specs = [
-            TaskSpec(step.stage_cls, step.params.model_dump(mode="json"), t, str(path), {k: str(v.path) for k, v in inputs.items()})
+            TaskSpec(step.stage_cls, step.params.model_dump(mode="json"), t, str(path),
+                     {k: str(v.path) for k, v in inputs.items()}, str(self.cache_dir))
             for t in pending
         ]
         keys = [f"{step.name}-{path.name[-12:]}-{t.id}" for t in pending]

@@ -14,6 +14,7 @@ Every input sample passes through exactly one task and ends as a shard row or a 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -180,10 +181,11 @@ class ShardStage(Stage[ShardParams]):
             nonlocal current, kept, size
             if current:
                 shard = len(tasks)
-                dup_of = {j: (make_uid(refs[dups[i][0]].ident), refs[dups[i][0]].ident, dups[i][1])
+                dup_of = {str(j): [make_uid(refs[dups[i][0]].ident), refs[dups[i][0]].ident, dups[i][1]]
                           for j, i in enumerate(current) if i in dups}
                 tasks.append(Task(id=f"{shard:05d}", size=len(current), payload={
-                    "shard": shard, "split": refs[current[0]].split, "refs": [refs[i] for i in current],
+                    "shard": shard, "split": refs[current[0]].split,
+                    "refs": [dataclasses.asdict(refs[i]) for i in current],
                     "dup_of": dup_of, "classes": classes,
                 }))
             current, kept, size = [], 0, 0
@@ -210,15 +212,15 @@ class ShardStage(Stage[ShardParams]):
         rejects: list[dict[str, Any]] = []
         source = make_source(params.source)
         tar_tmp = ctx.output(f"{stem}.tar")
-        refs: list[SampleRef] = p["refs"]
+        refs = [SampleRef(**{**r, "locator": tuple(r["locator"])}) for r in p["refs"]]
         with open(tar_tmp, "wb") as fobj, TarShardWriter(fobj) as tar, source.open_reader() as reader:
             for start in range(0, len(refs), DECODE_BATCH):
                 batch, blobs = [], []
                 for j in range(start, min(start + DECODE_BATCH, len(refs))):
                     ref = refs[j]
                     base = {"source": ref.ident, "uid": make_uid(ref.ident), "split": split, "shard": shard}
-                    if j in p["dup_of"]:
-                        kuid, kident, sha = p["dup_of"][j]
+                    if str(j) in p["dup_of"]:
+                        kuid, kident, sha = p["dup_of"][str(j)]
                         rejects.append({**base, "reason": "duplicate", "sha256": sha, "duplicate_of": kuid,
                                         "duplicate_of_source": kident})
                         continue

@@ -12,6 +12,18 @@ from PIL import Image
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Decoded-image caches go to a temporary cache location, never to ~/.cache or into artifacts."""
+    old = os.environ.get("DISTILLERY_CACHE_DIR")
+    os.environ["DISTILLERY_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DISTILLERY_CACHE_DIR", None)
+    else:
+        os.environ["DISTILLERY_CACHE_DIR"] = old
+
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_TAR = Path(os.environ.get("DISTILLERY_CIFAR10_TAR", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar"))
 CLASSES = ("cat", "dog", "frog")
@@ -90,7 +102,7 @@ def run_pipeline(manifest: dict[str, Any], client: Any = None, until: str | None
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` except run bookkeeping whose content legitimately varies (timings)."""
-    skip = {"manifest.json", "run.json", "events.jsonl", "pipeline.yaml", ".plan.pkl"}
+    skip = {"manifest.json", "run.json", "events.jsonl", "pipeline.yaml", ".plan.json"}
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.is_symlink() and p.name not in skip and ".parts" not in p.parts:
