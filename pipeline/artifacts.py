@@ -39,9 +39,12 @@ class PartRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     task: str
+    phase: str = "main"
     files: list[FileEntry] = []
     seconds: float = 0.0
     info: dict[str, Any] = {}
+    code: dict[str, Any] = Field(default_factory=dict, description="code fingerprint and library versions of "
+                                                                   "the worker that wrote the part")
 
 
 class ArtifactManifest(BaseModel):
@@ -49,7 +52,8 @@ class ArtifactManifest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     schema_version: int = SCHEMA_VERSION
-    artifact_id: str = Field(description="sha256 of stage, version, params, input ids and source fingerprint")
+    artifact_id: str = Field(description="sha256 of stage, version, params (execution-only ones excluded), "
+                                         "input ids, source fingerprint and code fingerprint")
     stage: str = Field(description="registry name of the stage type")
     kind: str = Field("", description="what the artifact is: " + ", ".join(ARTIFACT_KINDS))
     name: str = Field(description="name of the stage in the pipeline manifest")
@@ -58,6 +62,7 @@ class ArtifactManifest(BaseModel):
     params: dict[str, Any]
     inputs: dict[str, str] = Field(default_factory=dict, description="input name -> artifact id")
     fingerprint: str = ""
+    code_fingerprint: str = Field("", description="sha256 of the stage's code closure (in the artifact id)")
     code_version: str
     created: str
     counts: dict[str, Any] = Field(default_factory=dict)
@@ -68,11 +73,10 @@ class ArtifactManifest(BaseModel):
 
 
 def compute_artifact_id(
-    stage: str, version: str, params: dict[str, Any], inputs: dict[str, str], fingerprint: str = ""
+    stage: str, version: str, params: dict[str, Any], inputs: dict[str, str], fingerprint: str = "", code: str = ""
 ) -> str:
-    return canonical_hash(
-        {"stage": stage, "version": version, "params": params, "inputs": inputs, "fingerprint": fingerprint}
-    )
+    return canonical_hash({"stage": stage, "version": version, "params": params, "inputs": inputs,
+                           "fingerprint": fingerprint, "code": code})
 
 
 @lru_cache(maxsize=1)

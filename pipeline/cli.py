@@ -23,7 +23,9 @@ err = Console(stderr=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)  # escaped: ``stages[shard]`` is not markup
     raise typer.Exit(code)
 
 

@@ -29,6 +29,9 @@ class StageSpec(BaseModel):
                           "stage's input order; default: previous step"
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, float] | None = Field(
+        None, description="per-task resources, replacing the stage's own (e.g. {GPU: 0.25} for a small model; "
+                          "memory in bytes is checked against the workers' limits)")
 
     @property
     def stage_type(self) -> str:
@@ -111,7 +114,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ManifestError(f"override '{text}' is not of the form key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError(f"override {key.strip()}: value {value!r} is not valid YAML ({problem})") from None
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:

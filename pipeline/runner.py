@@ -1,9 +1,19 @@
-"""The DAG runner: artifact ids, cache hits, one Dask task per shard, atomic commits, resume, manifests.
+"""The DAG runner: artifact ids, cache hits, tasks on Dask, atomic commits, resume, failures, manifests.
 
-Resume works at task granularity: a task's files are renamed into place and then its ``.parts/<id>.json``
-marker is written; a re-run plans the same tasks (the plan is cached in the artifact) and submits only
-those without a marker. Outputs are deterministic, so an interrupted-then-resumed run is byte-identical
-to an uninterrupted one.
+* **Identity.** An artifact's id hashes the stage name and version, its parameters (``execution_only`` ones
+  excluded), what ``Stage.identity`` adds (a resolved recipe), the input artifacts' ids, the source fingerprint and
+  the stage's **code fingerprint** (``pipeline/fingerprint.py``). A cache hit can therefore never be stale.
+* **Resume.** A task renames its files into place, then writes ``.parts/<task>.json`` (with the code fingerprint and
+  library versions it ran with). A re-run loads the plan (JSON) and runs only tasks without a marker; markers written
+  by other code or libraries are re-run, never mixed in. Phases run in order, each planned once the previous has
+  committed.
+* **Failures.** A task that raises an ordinary exception (a ``ValueError`` in the stage) fails deterministically and
+  is not retried; transient failures (a lost worker, an ``OSError``) are, up to ``retries`` times. The other tasks
+  still run; failed ones are listed with their errors in the artifact's ``failed.jsonl``; the run stops with a
+  ``RunError`` naming them, and a re-run retries only them.
+* **Never hangs.** With no worker for ``worker_timeout`` seconds (all died, or none ever joined) the run stops with
+  one clear message; the committed tasks are kept.
+* **One driver per run directory** (a lock), and nothing is created on disk for a stage until its cluster is up.
 """
 from __future__ import annotations
 
@@ -11,6 +21,8 @@ import contextlib
 import os
 import shutil
 import time
+import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,15 +30,24 @@ from typing import Any, Callable, Sequence
 from pipeline.artifacts import (
     Artifact, ArtifactManifest, FileEntry, PartRecord, code_version, compute_artifact_id, now_iso,
 )
-from pipeline.atomic import atomic_path, sha256_file, write_json
+from pipeline.atomic import sha256_file, write_json, write_text
+from pipeline.cluster import ClusterError, load_config, n_workers, profile_settings, worker_resources
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
 from pipeline.errors import DistilleryError
 from pipeline.events import EventLog
+from pipeline.fingerprint import code_fingerprint, library_versions
+from pipeline.lock import RunLock
 from pipeline.plans import PLAN_FILE, load_plan, save_plan
-from pipeline.progress import StageProgress
-from pipeline.stage import CHECKPOINT_DIR, FinalizeContext, default_cache_dir, InputArtifact, PlanContext, Task, TaskContext, identity_params
+from pipeline.progress import StageProgress, format_metrics
+from pipeline.stage import (
+    CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, TaskContext,
+    default_cache_dir, identity_params, part_name,
+)
 
 RUN_FILE = "run.json"
+FAILED_FILE = "failed.jsonl"
+PROGRESS_TOPIC = "distillery-progress"
+DEFAULT_WORKER_TIMEOUT = 60.0
 
 
 class RunError(DistilleryError):
@@ -40,9 +61,11 @@ class TaskSpec:
     stage_cls: type  # pickled by reference: workers import the stage's module
     params: dict[str, Any]
     task: Task
+    phase: str
     out_dir: str
     inputs: dict[str, str]
     cache_dir: str
+    progress_key: str  # tags this stage's progress events
 
 
 def _worker_cache() -> dict[str, Any]:
@@ -63,23 +86,61 @@ def _worker_cache() -> dict[str, Any]:
 _PROCESS_CACHE: dict[str, Any] = {}  # used only outside a Dask worker (serial execution)
 
 
+def _progress_reporter(key: str, min_interval: float = 0.5) -> Callable[[str, int, int, dict[str, Any]], None] | None:
+    """On a Dask worker: publish ``ctx.progress`` to the driver (throttled); elsewhere: nothing to report to."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    last = [0.0]
+
+    def report(task_id: str, done: int, total: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval:
+            return
+        last[0] = now
+        worker.log_event(PROGRESS_TOPIC, {"key": key, "task": task_id, "done": done, "total": total,
+                                          "metrics": metrics})
+
+    return report
+
+
+def task_code(stage_cls: type) -> dict[str, Any]:
+    return {"fingerprint": code_fingerprint(stage_cls.__module__), "libraries": library_versions()}
+
+
 def execute_task(spec: TaskSpec) -> PartRecord:
     """Worker entry point: run one task unless it is already committed, then commit it atomically."""
     out_dir = Path(spec.out_dir)
-    marker = out_dir / ".parts" / f"{spec.task.id}.json"
+    marker = out_dir / ".parts" / f"{part_name(spec.phase, spec.task.id)}.json"
     if marker.is_file():
         return PartRecord.model_validate_json(marker.read_text())
     stage = spec.stage_cls()
     params = stage.Params.model_validate(spec.params)
     inputs = {k: InputArtifact(Path(v)) for k, v in spec.inputs.items()}
-    ctx = TaskContext(out_dir, inputs, cache=_worker_cache(), task_id=spec.task.id, cache_dir=Path(spec.cache_dir))
+    ctx = TaskContext(out_dir, inputs, cache=_worker_cache(), task_id=spec.task.id, cache_dir=Path(spec.cache_dir),
+                      progress=_progress_reporter(spec.progress_key), phase=spec.phase)
     t0 = time.perf_counter()
     try:
         info = stage.run(spec.task, params, ctx) or {}
     except BaseException:
         ctx.discard()
         raise
-    return ctx.commit(spec.task.id, info, time.perf_counter() - t0)
+    return ctx.commit(spec.task.id, info, time.perf_counter() - t0, code=task_code(spec.stage_cls))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: infrastructure trouble (lost workers, I/O, timeouts), not a bug or a bad input."""
+    try:
+        from distributed.comm.core import CommClosedError
+        from distributed.scheduler import KilledWorker
+
+        infra: tuple[type[BaseException], ...] = (KilledWorker, CommClosedError)
+    except ImportError:  # pragma: no cover
+        infra = ()
+    return isinstance(err, (OSError, TimeoutError, ConnectionError, *infra))
 
 
 @dataclass
@@ -88,7 +149,7 @@ class StageResult:
     stage: str
     artifact_id: str
     path: Path
-    status: str  # cached | ran | skipped
+    status: str  # cached | ran | external
     seconds: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
 
@@ -98,7 +159,7 @@ class Runner:
 
     def __init__(self, manifest: PipelineManifest, *, where: str = "<manifest>", overrides: Sequence[str] = (),
                  profile: str | None = None, client: Any = None, show_progress: bool = True,
-                 retries: int = 2) -> None:
+                 retries: int = 2, worker_timeout: float | None = None) -> None:
         self.manifest = manifest
         self.where = where
         self.overrides = list(overrides)
@@ -111,6 +172,15 @@ class Runner:
         self.retries = retries
         self.events = EventLog(self.out_dir / "events.jsonl")
         self.cache_dir = Path(manifest.cache_dir).resolve() if manifest.cache_dir else default_cache_dir()
+        self.worker_timeout = worker_timeout if worker_timeout is not None else self._configured_worker_timeout()
+
+    def _configured_worker_timeout(self) -> float:
+        try:
+            settings = profile_settings(self.profile, load_config(self.manifest.cluster.config),
+                                        self.manifest.cluster.options)
+        except ClusterError:
+            return DEFAULT_WORKER_TIMEOUT
+        return float(settings.get("worker_timeout", DEFAULT_WORKER_TIMEOUT))
 
     # -- cluster -----------------------------------------------------------------------------------
     @property
@@ -118,9 +188,12 @@ class Runner:
         if self._client is None:
             from pipeline.cluster import open_client
 
-            self._client = self._stack.enter_context(
-                open_client(self.profile, self.manifest.cluster.config, self.manifest.cluster.options)
-            )
+            try:
+                self._client = self._stack.enter_context(
+                    open_client(self.profile, self.manifest.cluster.config, self.manifest.cluster.options))
+            except ClusterError as e:
+                self.events.emit("cluster_failed", profile=self.profile, error=str(e))
+                raise
             self.events.emit("cluster_started", profile=self.profile, dashboard=getattr(self._client, "dashboard_link", ""))
         return self._client
 
@@ -134,8 +207,42 @@ class Runner:
         self.close()
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Plan-time fan-out on the cluster (scanning a source), with the same no-worker watchdog as tasks."""
         futures = self.client.map(fn, list(items), pure=False, retries=self.retries)
-        return self.client.gather(futures)
+        remaining = set(futures)
+        while remaining:
+            remaining -= self._wait_any(list(remaining), futures)
+        try:
+            return self.client.gather(futures)
+        except Exception as e:
+            raise RunError(f"planning step {getattr(fn, '__name__', fn)} failed: {type(e).__name__}: {e}") from e
+
+    def _wait_any(self, futures: list[Any], cancel_on_timeout: Sequence[Any]) -> set[Any]:
+        """Futures among ``futures`` that finished; raises ``RunError`` after ``worker_timeout`` without workers."""
+        from distributed import wait
+
+        no_workers_since: float | None = None
+        while True:
+            try:
+                return set(wait(futures, timeout=1.0, return_when="FIRST_COMPLETED").done)
+            except TimeoutError:
+                pass
+            if getattr(self.client, "status", "running") not in ("running", "connecting"):
+                raise RunError("lost the connection to the Dask scheduler; committed tasks are kept, re-run to resume")
+            if n_workers(self.client) > 0:
+                no_workers_since = None
+                continue
+            now = time.monotonic()
+            if no_workers_since is None:
+                no_workers_since = now
+                self.events.emit("no_workers", timeout_s=self.worker_timeout)
+            elif now - no_workers_since > self.worker_timeout:
+                for f in cancel_on_timeout:
+                    f.cancel()
+                self.events.emit("no_workers_timeout", timeout_s=self.worker_timeout)
+                raise RunError(f"no Dask worker for {self.worker_timeout:.0f} s (all died, or none ever joined "
+                               f"{getattr(self.client, 'scheduler', None) and self.client.scheduler.address}); "
+                               "the run stops here: committed tasks are kept, re-run to resume")
 
     # -- DAG ---------------------------------------------------------------------------------------
     def selected(self, until: str | None) -> list[ResolvedStage]:
@@ -155,27 +262,36 @@ class Runner:
         for f in force:
             if f not in names:
                 raise RunError(f"--force {f}: no such stage (have: {', '.join(sorted(names))})")
-        forced = set(force)
+        selected = self.selected(until)
+        for step in selected:  # fail on a missing source before any work starts
+            step.stage().validate(step.params)
+        with RunLock(self.out_dir):
+            return self._run_locked(selected, set(force))
+
+    def _run_locked(self, selected: list[ResolvedStage], forced: set[str]) -> list[StageResult]:
         results: dict[str, StageResult] = self.external_inputs()
         run_record: dict[str, Any] = {
             "manifest": self.manifest.model_dump(mode="json"), "manifest_path": self.where,
             "overrides": self.overrides, "order": [s.name for s in self.steps], "started": now_iso(),
             "code_version": code_version(), "stages": {},
         }
-        selected = self.selected(until)
-        for step in selected:  # fail on a missing source before any work starts
-            step.stage().validate(step.params)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.events.emit("run_started", manifest=self.where, stages=[s.name for s in self.steps])
         for step in selected:
-            upstream_forced = any(u in forced for u in step.inputs.values())
-            if upstream_forced:
+            if any(u in forced for u in step.inputs.values()):
                 forced.add(step.name)  # force propagates downstream
+
             def started(path: Path, artifact_id: str, name: str = step.name) -> None:
                 run_record["stages"][name] = {"artifact_id": artifact_id, "path": str(path), "status": "running"}
                 write_json(self.out_dir / RUN_FILE, run_record)
 
-            res = self.run_stage(step, results, force=step.name in forced, on_start=started)
+            try:
+                res = self.run_stage(step, results, force=step.name in forced, on_start=started)
+            except DistilleryError as e:
+                self.events.emit("run_failed", stage=step.name, error=str(e))
+                if step.name in run_record["stages"]:
+                    run_record["stages"][step.name]["status"] = "failed"
+                    write_json(self.out_dir / RUN_FILE, run_record)
+                raise
             results[step.name] = res
             run_record["stages"][step.name] = {
                 "artifact_id": res.artifact_id, "path": str(res.path), "status": res.status,
@@ -201,7 +317,8 @@ class Runner:
     def artifact_dir(self, step: ResolvedStage, artifact_id: str) -> Path:
         return self.out_dir / f"{step.name}-{artifact_id[:12]}"
 
-    def identify(self, step: ResolvedStage, results: dict[str, StageResult]) -> tuple[str, dict[str, str], str]:
+    def identify(self, step: ResolvedStage, results: dict[str, StageResult]) -> tuple[str, dict[str, str], str, str]:
+        """(artifact id, input ids, source fingerprint, code fingerprint) of a step."""
         stage = step.stage()
         input_ids = {k: results[v].artifact_id for k, v in step.inputs.items()}
         params = identity_params(step.params)
@@ -209,13 +326,14 @@ class Runner:
         if extra:
             params = {**params, "__identity__": extra}
         fp = stage.fingerprint(step.params)
-        return compute_artifact_id(stage.name, stage.version, params, input_ids, fp), input_ids, fp
+        code = code_fingerprint(step.stage_cls.__module__)
+        return compute_artifact_id(stage.name, stage.version, params, input_ids, fp, code), input_ids, fp, code
 
     def run_stage(self, step: ResolvedStage, results: dict[str, StageResult], force: bool = False,
                   on_start: Callable[[Path, str], None] | None = None) -> StageResult:
         stage = step.stage()
         t0 = time.perf_counter()
-        artifact_id, input_ids, fingerprint = self.identify(step, results)
+        artifact_id, input_ids, fingerprint, code = self.identify(step, results)
         path = self.artifact_dir(step, artifact_id)
         art = Artifact(path)
         if force and path.exists():
@@ -227,30 +345,21 @@ class Runner:
             self.events.emit("stage_cached", stage=step.name, artifact=path.name)
             return StageResult(step.name, stage.name, artifact_id, path, "cached", 0.0, m.counts)
 
+        self.client  # noqa: B018 - the cluster must be up before anything is written for this stage
         inputs = {k: InputArtifact(results[v].path) for k, v in step.inputs.items()}
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         if on_start is not None:
             on_start(path, artifact_id)
         self.events.emit("stage_started", stage=step.name, artifact=path.name)
-
-        tp = time.perf_counter()
-        tasks = self._plan(stage, step, inputs, path)
-        plan_s = time.perf_counter() - tp
-
-        done = art.committed_parts()
-        pending = [t for t in tasks if t.id not in done]
-        if done:
-            self.events.emit("stage_resumed", stage=step.name, committed=len(done), pending=len(pending))
-        if art.tmp_dir.exists():  # leftovers of killed tasks
-            shutil.rmtree(art.tmp_dir)
-
-        tr = time.perf_counter()
-        parts = dict(done)
-        parts.update(self._execute(stage, step, tasks, pending, inputs, path))
-        run_s = time.perf_counter() - tr
+        try:
+            ordered, plan_s, run_s = self._run_phases(stage, step, inputs, path, code)
+        except BaseException:
+            if created and not art.committed_parts():
+                shutil.rmtree(path, ignore_errors=True)  # failed before any work: leave no debris
+            raise
 
         tf = time.perf_counter()
-        ordered = [parts[t.id] for t in tasks]
         fctx = FinalizeContext(out_dir=path, inputs=inputs, cache_dir=self.cache_dir)
         summary = stage.finalize(ordered, step.params, fctx)
         files = [FileEntry(path=f, sha256=sha256_file(path / f), bytes=(path / f).stat().st_size) for f in summary.files]
@@ -260,7 +369,8 @@ class Runner:
             artifact_id=artifact_id, stage=stage.name, kind=stage.output_kind, name=step.name,
             stage_version=stage.version,
             params=step.params.model_dump(mode="json"), inputs=input_ids, fingerprint=fingerprint,
-            code_version=code_version(), created=now_iso(), counts=summary.counts, parts=ordered, files=files,
+            code_fingerprint=code, code_version=code_version(), created=now_iso(), counts=summary.counts,
+            parts=ordered, files=files,
             timings={"plan_s": round(plan_s, 3), "run_s": round(run_s, 3), "finalize_s": round(finalize_s, 3),
                      "task_s_sum": round(sum(p.seconds for p in ordered), 3)},
             metrics=summary.metrics,
@@ -275,61 +385,207 @@ class Runner:
                          counts=summary.counts)
         return StageResult(step.name, stage.name, artifact_id, path, "ran", seconds, summary.counts)
 
-    def _plan(self, stage: Any, step: ResolvedStage, inputs: dict[str, InputArtifact], path: Path) -> list[Task]:
-        plan_path = path / PLAN_FILE
+    def _run_phases(self, stage: Stage[Any], step: ResolvedStage, inputs: dict[str, InputArtifact], path: Path,
+                    code: str) -> tuple[list[PartRecord], float, float]:
+        """Plan and run each phase in order; returns every part (phase order, then plan order) and timings."""
+        art = Artifact(path)
+        (path / FAILED_FILE).unlink(missing_ok=True)
+        if art.tmp_dir.exists():  # leftovers of killed tasks
+            shutil.rmtree(art.tmp_dir)
+        committed = self._usable_parts(step, art, code)
+        previous: dict[str, list[PartRecord]] = {}
+        ordered: list[PartRecord] = []
+        plan_s = run_s = 0.0
+        earlier_ran = False
+        for phase in stage.phases:
+            plan_path = path / (PLAN_FILE if phase == MAIN_PHASE else f".plan.{phase}.json")
+            if earlier_ran:  # an earlier phase changed: what this phase planned before no longer holds
+                plan_path.unlink(missing_ok=True)
+                for name in [n for n, r in committed.items() if r.phase == phase]:
+                    (art.parts_dir / f"{name}.json").unlink(missing_ok=True)
+                    committed.pop(name)
+            tp = time.perf_counter()
+            tasks = self._plan(stage, step, inputs, path, phase, previous, plan_path)
+            plan_s += time.perf_counter() - tp
+            pending = [t for t in tasks if part_name(phase, t.id) not in committed]
+            if pending and len(pending) < len(tasks):
+                self.events.emit("stage_resumed", stage=step.name, phase=phase, committed=len(tasks) - len(pending),
+                                 pending=len(pending))
+            tr = time.perf_counter()
+            done = {t.id: committed[part_name(phase, t.id)] for t in tasks if part_name(phase, t.id) in committed}
+            done.update(self._execute(stage, step, phase, tasks, pending, inputs, path, code))
+            run_s += time.perf_counter() - tr
+            previous[phase] = [done[t.id] for t in tasks]
+            ordered.extend(previous[phase])
+            earlier_ran = earlier_ran or bool(pending)
+        return ordered, plan_s, run_s
+
+    def _usable_parts(self, step: ResolvedStage, art: Artifact, code: str) -> dict[str, PartRecord]:
+        """Committed parts, minus those written by other code or library versions (re-run, never mixed in)."""
+        committed = art.committed_parts()
+        libs = library_versions()
+        stale = {n: r for n, r in committed.items()
+                 if r.code and (r.code.get("fingerprint") != code or r.code.get("libraries") != libs)}
+        if stale:
+            diff = sorted({k for r in stale.values() for k in _differences(r.code, code, libs)})
+            self.events.emit("parts_stale", stage=step.name, parts=sorted(stale), differs=diff)
+            from pipeline.events import log
+
+            log.warning("stage %s: %d committed task(s) were written by different %s; re-running them",
+                        step.name, len(stale), " and ".join(diff))
+            for name in stale:
+                (art.parts_dir / f"{name}.json").unlink(missing_ok=True)
+                committed.pop(name)
+        return committed
+
+    def _plan(self, stage: Stage[Any], step: ResolvedStage, inputs: dict[str, InputArtifact], path: Path,
+              phase: str, previous: dict[str, list[PartRecord]], plan_path: Path) -> list[Task]:
         if plan_path.is_file():
             return load_plan(plan_path)
-        tasks = stage.plan(inputs, step.params, PlanContext(out_dir=path, inputs=inputs, map=self._map,
-                                                            cache_dir=self.cache_dir))
-        return save_plan(tasks, plan_path)
+        ctx = PlanContext(out_dir=path, inputs=inputs, map=self._map, cache_dir=self.cache_dir, phase=phase,
+                          previous=dict(previous))
+        return save_plan(stage.plan(inputs, step.params, ctx), plan_path)
 
-    def _execute(self, stage: Any, step: ResolvedStage, tasks: list[Task], pending: list[Task],
-                 inputs: dict[str, InputArtifact], path: Path) -> dict[str, PartRecord]:
+    def _resources(self, stage: Stage[Any], step: ResolvedStage) -> dict[str, float] | None:
+        """The task resources to ask Dask for, checked against what the workers offer."""
+        wanted = dict(step.spec.resources if step.spec.resources is not None else stage.resources)
+        if not wanted:
+            return None
+        offered = worker_resources(self.client)
+        out: dict[str, float] = {}
+        for res, amount in wanted.items():
+            best = max((w.get(res, 0.0) for w in offered), default=0.0)
+            if best == 0 and res == "GPU":
+                self.events.emit("resources_unavailable", stage=step.name, missing=[res],
+                                 note="no worker offers a GPU: running on CPU workers")
+                continue
+            if best < amount:
+                raise RunError(f"stage {step.name}: a task needs {res}={amount:g} but the largest worker offers "
+                               f"{res}={best:g}; lower stages[{step.name}].resources or add bigger workers")
+            if res != "memory":  # memory is checked against worker limits, not a Dask resource
+                out[res] = amount
+        return out or None
+
+    def _execute(self, stage: Stage[Any], step: ResolvedStage, phase: str, tasks: list[Task], pending: list[Task],
+                 inputs: dict[str, InputArtifact], path: Path, code: str) -> dict[str, PartRecord]:
         if not pending:
             return {}
-        from distributed import as_completed
+        client = self.client
+        resources = self._resources(stage, step)
+        key = f"{path.name}:{phase}"
+        params = step.params.model_dump(mode="json")
+        in_paths = {k: str(v.path) for k, v in inputs.items()}
+
+        def submit(task: Task, attempt: int) -> Any:
+            spec = TaskSpec(step.stage_cls, params, task, phase, str(path), in_paths, str(self.cache_dir), key)
+            # unique per submission: Dask would hand back a cached result or error for a key it still holds
+            return client.submit(execute_task, spec, key=f"{step.name}-{phase}-{task.id}-{uuid.uuid4().hex[:12]}",
+                                 resources=resources, pure=False)
+
+        label = step.name if phase == MAIN_PHASE else f"{step.name}:{phase}"
+        out: dict[str, PartRecord] = {}
+        failures: dict[str, dict[str, Any]] = {}
+        attempts = {t.id: 1 for t in pending}
+        total = sum(t.size for t in tasks)
+        with StageProgress(label, len(tasks), total, enabled=self.show_progress) as bar, \
+                self._progress_events(key, step.name, bar):
+            bar.advance(len(tasks) - len(pending), total - sum(t.size for t in pending))
+            running = {submit(t, 1): t for t in pending}
+            while running:
+                for fut in self._wait_any(list(running), list(running)):
+                    task = running.pop(fut)
+                    bar.task_done(task.id)
+                    try:
+                        rec = fut.result()
+                    except Exception as e:  # noqa: BLE001 - classified and reported below
+                        if is_transient(e) and attempts[task.id] <= self.retries:
+                            attempts[task.id] += 1
+                            self.events.emit("task_retry", stage=step.name, task=task.id, attempt=attempts[task.id],
+                                             error=f"{type(e).__name__}: {e}")
+                            running[submit(task, attempts[task.id])] = task
+                            continue
+                        failures[task.id] = _failure(task, phase, e, fut, attempts[task.id])
+                        self.events.emit("task_failed", stage=step.name, task=task.id, error=failures[task.id]["error"],
+                                         attempts=attempts[task.id])
+                        continue
+                    if rec.code and rec.code.get("fingerprint") != code:
+                        failures[task.id] = {"task": task.id, "phase": phase, "attempts": attempts[task.id],
+                                             "error": "worker ran different code for this stage (code fingerprint "
+                                                      f"{rec.code.get('fingerprint', '')[:12]}, driver {code[:12]}): "
+                                                      "update the workers' installation"}
+                        (path / ".parts" / f"{part_name(phase, task.id)}.json").unlink(missing_ok=True)
+                        continue
+                    out[task.id] = rec
+                    bar.advance(1, task.size)
+        if failures:
+            order = {t.id: i for i, t in enumerate(tasks)}
+            failures = dict(sorted(failures.items(), key=lambda kv: order[kv[0]]))
+            write_text(path / FAILED_FILE, "".join(_json_line(f) for f in failures.values()))
+            listed = "; ".join(f"{tid}: {f['error']}" for tid, f in list(failures.items())[:5])
+            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise RunError(f"stage {step.name}: {len(failures)} of {len(tasks)} tasks failed: {listed}{more}. "
+                           f"The other tasks are committed; details in {path / FAILED_FILE}; "
+                           "re-run to retry only the failed ones")
+        return out
+
+    @contextlib.contextmanager
+    def _progress_events(self, key: str, stage_name: str, bar: StageProgress) -> Any:
+        """Route the workers' ``ctx.progress`` reports to the progress display and (throttled) events.jsonl."""
+        last: dict[str, float] = {}
+
+        def handler(event: Any) -> None:
+            msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+            if not isinstance(msg, dict) or msg.get("key") != key:
+                return
+            task, done, total = msg["task"], msg["done"], msg["total"]
+            bar.task_progress(task, done, total, msg.get("metrics") or {})
+            now = time.monotonic()
+            if done >= total or now - last.get(task, 0.0) >= 5.0:
+                last[task] = now
+                self.events.emit("task_progress", stage=stage_name, task=task, done=done, total=total,
+                                 metrics=msg.get("metrics") or {})
+                from pipeline.events import log
+
+                log.debug("%s %s %d/%d %s", stage_name, task, done, total, format_metrics(msg.get("metrics") or {}))
 
         client = self.client
-        resources = dict(stage.resources) or None
-        if resources:
-            from pipeline.cluster import cluster_has_resource
-
-            missing = [r for r in resources if not cluster_has_resource(client, r)]
-            if missing:
-                self.events.emit("resources_unavailable", stage=step.name, missing=missing,
-                                 note="running on workers without them")
-                resources = None
-        specs = [
-            TaskSpec(step.stage_cls, step.params.model_dump(mode="json"), t, str(path),
-                     {k: str(v.path) for k, v in inputs.items()}, str(self.cache_dir))
-            for t in pending
-        ]
-        keys = [f"{step.name}-{path.name[-12:]}-{t.id}" for t in pending]
-        futures = client.map(execute_task, specs, key=keys, resources=resources, retries=self.retries, pure=False)
-        out: dict[str, PartRecord] = {}
-        total = sum(t.size for t in tasks)
-        done_size = total - sum(t.size for t in pending)
-        with StageProgress(step.name, len(tasks), total, enabled=self.show_progress) as bar:
-            bar.advance(len(tasks) - len(pending), done_size)
-            by_key = dict(zip(keys, pending))
-            for fut in as_completed(futures):
-                task = by_key[fut.key]
-                try:
-                    rec = fut.result()
-                except Exception as e:
-                    for f in futures:
-                        f.cancel()
-                    self.events.emit("task_failed", stage=step.name, task=task.id, error=repr(e))
-                    raise RunError(f"stage {step.name}, task {task.id}: {type(e).__name__}: {e}") from e
-                out[task.id] = rec
-                bar.advance(1, task.size)
-        return out
+        subscribed = hasattr(client, "subscribe_topic")
+        if subscribed:
+            client.subscribe_topic(PROGRESS_TOPIC, handler)
+        try:
+            yield
+        finally:
+            if subscribed:
+                with contextlib.suppress(Exception):
+                    client.unsubscribe_topic(PROGRESS_TOPIC)
 
     def _link(self, name: str, path: Path) -> None:
         """``<run>/<stage>`` -> the current artifact, switched atomically."""
         link = self.out_dir / name
-        tmp = self.out_dir / f".{name}.link-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+        tmp = self.out_dir / f".{name}.link-{uuid.uuid4().hex[:12]}"
         os.symlink(path.name, tmp)
         os.replace(tmp, link)
+
+
+def _failure(task: Task, phase: str, err: BaseException, fut: Any, attempts: int) -> dict[str, Any]:
+    tb = ""
+    with contextlib.suppress(Exception):
+        tb = "".join(traceback.format_tb(fut.traceback()))
+    return {"task": task.id, "phase": phase, "attempts": attempts, "error": f"{type(err).__name__}: {err}",
+            "traceback": tb}
+
+
+def _differences(part_code: dict[str, Any], code: str, libs: dict[str, str]) -> list[str]:
+    out = []
+    if part_code.get("fingerprint") != code:
+        out.append("code")
+    theirs = part_code.get("libraries") or {}
+    out.extend(f"{k} ({theirs.get(k)} -> {libs.get(k)})" for k in sorted(libs.keys() | theirs.keys())
+               if theirs.get(k) != libs.get(k))
+    return out
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str) + "\n"

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Generic, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.artifacts import Artifact, ArtifactManifest, FileEntry, PartRecord
+from pipeline.artifacts import PARTS_DIR, Artifact, ArtifactManifest, FileEntry, PartRecord
 from pipeline.atomic import atomic_path, sha256_file
 from pipeline.registry import Registry
 
@@ -90,6 +90,12 @@ def _serial_map(fn: Callable[[Any], R], items: Sequence[Any]) -> list[R]:
 
 
 CHECKPOINT_DIR = ".ckpt"
+MAIN_PHASE = "main"
+
+
+def part_name(phase: str, task_id: str) -> str:
+    """Name of a task's commit marker (``.parts/<name>.json``); phases other than the main one prefix it."""
+    return task_id if phase == MAIN_PHASE else f"{phase}.{task_id}"
 CACHE_ENV = "DISTILLERY_CACHE_DIR"
 
 
@@ -108,6 +114,8 @@ class PlanContext:
     inputs: dict[str, InputArtifact]
     map: Mapper = _serial_map
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    phase: str = MAIN_PHASE
+    previous: dict[str, list[PartRecord]] = field(default_factory=dict)  # parts of the phases already run
 
 
 ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (task id, done, total, metrics)
@@ -118,7 +126,8 @@ class TaskContext:
     directory that survives a kill, the declared cache location and a progress reporter."""
 
     def __init__(self, out_dir: Path, inputs: dict[str, InputArtifact], cache: dict[str, Any] | None = None, *,
-                 task_id: str = "task", cache_dir: Path | None = None, progress: ProgressFn | None = None):
+                 task_id: str = "task", cache_dir: Path | None = None, progress: ProgressFn | None = None,
+                 phase: str = MAIN_PHASE):
         self.out_dir = out_dir
         self.inputs = inputs
         self.task_id = task_id
@@ -126,6 +135,7 @@ class TaskContext:
         self._outputs: list[tuple[Path, Path]] = []
         self._cache = cache if cache is not None else {}
         self._progress = progress
+        self.phase = phase
         self.tmp_dir = out_dir / ".tmp"
 
     @property
@@ -158,7 +168,8 @@ class TaskContext:
             self._cache[key] = factory()
         return self._cache[key]
 
-    def commit(self, task_id: str, info: dict[str, Any], seconds: float) -> PartRecord:
+    def commit(self, task_id: str, info: dict[str, Any], seconds: float,
+               code: dict[str, Any] | None = None) -> PartRecord:
         files = []
         for tmp, final in self._outputs:
             if not tmp.exists():
@@ -168,8 +179,9 @@ class TaskContext:
             )
         for tmp, final in self._outputs:
             os.replace(tmp, final)
-        record = PartRecord(task=task_id, files=files, seconds=round(seconds, 4), info=info)
-        with atomic_path(self.out_dir / ".parts" / f"{task_id}.json") as p:
+        record = PartRecord(task=task_id, phase=self.phase, files=files, seconds=round(seconds, 4), info=info,
+                            code=code or {})
+        with atomic_path(self.out_dir / PARTS_DIR / f"{part_name(self.phase, task_id)}.json") as p:
             p.write_text(record.model_dump_json(indent=2))
         return record
 
@@ -205,6 +217,10 @@ class Stage(Generic[P]):
     output_kind: ClassVar[str] = ""
     # whether the pipeline manifest's top-level ``source:`` is injected as ``params.source``
     takes_source: ClassVar[bool] = False
+    # A stage with several phases (fit on a sample, then assign every shard; write partitions keyed by a column,
+    # then one task per key) plans each phase after the previous one has committed: ``ctx.phase`` names it in
+    # plan and run, ``PlanContext.previous`` holds the earlier phases' parts, finalize gets every part.
+    phases: ClassVar[tuple[str, ...]] = (MAIN_PHASE,)
 
     @classmethod
     def input_names(cls) -> tuple[str, ...]:
