@@ -210,8 +210,13 @@ def show(artifact_dir: Path = typer.Argument(..., help="an artifact directory"))
     console.print(f"inputs: {m.inputs or '-'}")
     console.print("params: " + json.dumps(m.params, sort_keys=True))
     console.print("counts: " + json.dumps(m.counts, sort_keys=True))
+    readers = m.metrics.get("read_with") if isinstance(m.metrics.get("read_with"), dict) else {}
     if m.metrics:
-        console.print("metrics: " + json.dumps(m.metrics, sort_keys=True))
+        console.print("metrics: " + json.dumps({k: v for k, v in m.metrics.items() if k != "read_with"}, sort_keys=True))
+    for split, r in readers.items():  # how to read this artifact with plain tools, exactly
+        console.print(f"read {split} ({r.get('samples', '?')} samples): {artifact_dir / r['pattern']}", markup=False)
+        if r.get("python"):
+            console.print(f"  {r['python']}", markup=False, soft_wrap=True)
     console.print("timings: " + ", ".join(f"{k}={v}s" for k, v in m.timings.items()))
     n_files = sum(len(p.files) for p in m.parts) + len(m.files)
     n_bytes = sum(f.bytes for p in m.parts for f in p.files) + sum(f.bytes for f in m.files)

@@ -175,6 +175,11 @@ def _subprocess_cluster(kw: dict[str, Any]) -> Iterator[Any]:
         raise ClusterError(f"the local Dask cluster failed to start: {type(e).__name__}: {e}") from None
     with cluster, Client(cluster) as client:
         try:
+            try:  # resource checks need every worker's declaration: wait until all have joined
+                client.wait_for_workers(len(specs), timeout=kw.get("start_timeout", 120))
+            except (TimeoutError, asyncio.TimeoutError):
+                raise ClusterError(f"only {n_workers(client)} of {len(specs)} local Dask workers started within "
+                                   f"{kw.get('start_timeout', 120)} s") from None
             yield client
         finally:  # close workers through the scheduler first: killed subprocesses log connection tracebacks
             with contextlib.suppress(Exception):

@@ -99,15 +99,16 @@ def _fmt_loc(loc: tuple[Any, ...], stage_names: list[str]) -> str:
     return ".".join(parts)
 
 
+def _format_error(e: Any, where: str, prefix: str, stage_names: list[str]) -> str:
+    loc = _fmt_loc(tuple(e["loc"]), stage_names)
+    loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{where}: {loc}: {e['msg']}{got_s}"
+
+
 def format_validation_error(err: ValidationError, where: str, prefix: str = "", stage_names: list[str] | None = None) -> str:
-    lines = []
-    for e in err.errors():
-        loc = _fmt_loc(tuple(e["loc"]), stage_names or [])
-        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        got = e.get("input")
-        got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{where}: {loc}: {e['msg']}{got_s}")
-    return "\n".join(lines)
+    return "\n".join(_format_error(e, where, prefix, stage_names or []) for e in err.errors())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -170,14 +171,19 @@ def resolve(manifest: PipelineManifest, where: str = "<manifest>") -> list[Resol
         except KeyError as e:
             raise ManifestError(f"{where}: stages[{spec.name}].stage: {e}") from None
         raw_params = dict(spec.params)
-        if cls.takes_source and "source" not in raw_params:
+        injected = cls.takes_source and "source" not in raw_params
+        if injected:
             if manifest.source is None:
                 raise ManifestError(f"{where}: stages[{spec.name}]: stage '{cls.name}' needs a top-level 'source:'")
             raw_params["source"] = manifest.source
         try:
             params: StageParams = cls.Params.model_validate(raw_params)
         except ValidationError as e:
-            raise ManifestError(format_validation_error(e, where, prefix=f"stages[{spec.name}].params")) from None
+            lines = []
+            for one in e.errors():  # the top-level source is reported where the user wrote it: ``source.path``
+                from_source = injected and one["loc"][:1] == ("source",)
+                lines.append(_format_error(one, where, "" if from_source else f"stages[{spec.name}].params", []))
+            raise ManifestError("\n".join(lines)) from None
         inputs = _bind_inputs(spec, cls, resolved, where)
         for key, up in inputs.items():
             if up in known:

@@ -79,14 +79,19 @@ def closure(module: str) -> dict[str, Path]:
             continue
         seen[name] = path
         is_package = path.name == "__init__.py"
-        tree = ast.parse(path.read_text())
-        todo.extend(_imports(tree, name, is_package))
+        st = path.stat()
+        todo.extend(_file_imports(str(path), st.st_mtime_ns, st.st_size, name, is_package))
         parent = name if is_package else name.rpartition(".")[0]
         if "." in parent:  # a sub-package: every member module counts (registries load them by name)
             pdir = path.parent
             todo.append(parent)
             todo.extend(f"{parent}.{p.stem}" for p in pdir.glob("*.py") if p.stem != "__init__")
     return seen
+
+
+@lru_cache(maxsize=None)
+def _file_imports(path: str, mtime_ns: int, size: int, name: str, is_package: bool) -> tuple[str, ...]:
+    return tuple(sorted(_imports(ast.parse(Path(path).read_text()), name, is_package)))
 
 
 @lru_cache(maxsize=None)

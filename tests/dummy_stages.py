@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.stage import STAGES, Stage, StageParams, Summary, Task
+from pipeline.stage import STAGES, Stage, StageParams, Summary, Task, execution_only
 
 
 class CountParams(StageParams):
@@ -164,3 +164,33 @@ class Flaky(Stage[FlakyParams]):
 
     def finalize(self, parts, params, ctx):
         return Summary(counts={"runs": len(parts)})
+
+
+class ProbeParams(StageParams):
+    tasks: int = 6
+    sleep: float = 0.3
+    note: str = execution_only("")  # changes nothing the stage writes
+
+
+@STAGES.register("device-probe")
+class DeviceProbe(Stage[ProbeParams]):
+    """A GPU stage whose tasks report the device they were given and when they ran."""
+
+    name = "device-probe"
+    Params = ProbeParams
+    output_kind = "metrics"
+    resources = {"GPU": 1}
+
+    def plan(self, inputs, params, ctx):
+        return [Task(id=f"p{i}") for i in range(params.tasks)]
+
+    def run(self, task, params, ctx):
+        import os
+        import time
+
+        t0 = time.time()
+        time.sleep(params.sleep)
+        return {"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": t0, "end": time.time()}
+
+    def finalize(self, parts, params, ctx):
+        return Summary(counts={"runs": len(parts)}, metrics={"runs": [p.info for p in parts]})

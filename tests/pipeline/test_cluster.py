@@ -57,3 +57,45 @@ def test_cli_run_status_show(tmp_path):
     assert sh.returncode == 0 and "sklearn-digits" in sh.stdout
     bad = subprocess.run([*cli, "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "not found" in bad.stderr
+
+
+def test_worker_specs_pin_one_gpu_per_worker_and_hide_gpus_from_the_rest():
+    from pipeline.cluster import worker_specs
+
+    specs = worker_specs(3, 1, "1GiB", ["0", "3"])
+    env = {k: s["worker_kwargs"]["env"]["CUDA_VISIBLE_DEVICES"] for k, s in specs.items()}
+    res = {k: s["worker_kwargs"]["resources"] for k, s in specs.items()}
+    assert env == {"0": "0", "1": "3", "2": ""}
+    assert res == {"0": {"GPU": 1}, "1": {"GPU": 1}, "2": None}
+
+
+def test_gpu_tasks_spread_one_per_device_and_resource_amounts_are_checked(tmp_path):
+    """Two (pretend) GPUs and three workers: GPU tasks only run on the two GPU workers, never two at a time on one
+    device; a task asking for more than any worker offers is a clear error, not a hang."""
+    from pipeline.runner import RunError
+
+    cluster = {"profile": "local", "options": {"n_workers": 3, "gpus": ["0", "1"], "worker_timeout": 30}}
+    m = {"name": "g", "output_dir": str(tmp_path / "run"), "cluster": cluster,
+         "stages": [{"name": "probe", "stage": "device-probe", "params": {"tasks": 6, "sleep": 0.4}}]}
+    import os
+
+    os.environ["PYTHONPATH"] = str(REPO / "tests")  # the workers unpickle the dummy stage
+    try:
+        res = run_pipeline(m, client=None)[0]
+        from pipeline.artifacts import Artifact
+
+        runs = Artifact(res.path).manifest().metrics["runs"]
+        assert {r["device"] for r in runs} <= {"0", "1"} and len(runs) == 6
+        for dev in ("0", "1"):
+            spans = sorted((r["start"], r["end"]) for r in runs if r["device"] == dev)
+            assert all(a_end <= b_start + 1e-3 for (_, a_end), (b_start, _) in zip(spans, spans[1:])), \
+                f"two tasks overlapped on GPU {dev}"
+        m["stages"][0]["resources"] = {"GPU": 2}
+        m["stages"][0]["params"]["tasks"] = 1
+        with pytest.raises(RunError, match=r"needs GPU=2 but the largest worker offers GPU=1"):
+            run_pipeline(m, client=None)
+        m["stages"][0]["resources"] = {"memory": 1e15}
+        with pytest.raises(RunError, match=r"needs memory=1e\+15 but the largest worker offers memory="):
+            run_pipeline(m, client=None)
+    finally:
+        os.environ.pop("PYTHONPATH", None)

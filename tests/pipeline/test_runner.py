@@ -64,6 +64,9 @@ def test_manifest_errors_name_file_and_field(tmp_path):
                    "stages:\n  - name: shard\n    params: {bogus_option: 1}\n")
     with pytest.raises(ManifestError, match=r"stages\[shard\]\.params\.bogus_option: Extra inputs"):
         resolve(load_manifest(bad), str(bad))
+    bad.write_text("name: x\noutput_dir: out\nsource: {kind: folder, pth: .}\nstages:\n  - name: shard\n")
+    with pytest.raises(ManifestError, match=r"bad.yaml: source.pth: Extra inputs are not permitted"):
+        resolve(load_manifest(bad), str(bad))
     bad.write_text("name: x\nstages: []\n")
     with pytest.raises(ManifestError, match="output_dir: Field required"):
         load_manifest(bad)
