@@ -155,7 +155,7 @@ import dummy_stages
 from pipeline.config import PipelineManifest
 from pipeline.runner import Runner
 m = PipelineManifest.model_validate({{"name": "s", "output_dir": {str(tmp_path / 'run')!r},
-    "cluster": {{"options": {{"n_workers": 2, "worker_timeout": 20}}}},
+    "cluster": {{"options": {{"n_workers": 2, "worker_timeout": 90}}}},
     "stages": [{{"name": "flaky", "params": {{"tasks": 3, "flag_dir": {str(tmp_path)!r}}}}}]}})
 with Runner(m, show_progress=False) as r:
     print("done", r.run()[0].status)
