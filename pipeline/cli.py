@@ -156,14 +156,19 @@ def train(
 
 
 def stage_state(path: Path) -> tuple[str, str]:
+    """done / failed / partial / pending, with committed vs planned tasks (over every planned phase)."""
     art = Artifact(path)
     if art.is_complete():
         return "done", ""
-    from pipeline.plans import PLAN_FILE, plan_size
+    from pipeline.plans import plan_size
 
     parts = len(art.committed_parts())
-    n = plan_size(path / PLAN_FILE)
-    total = "?" if n is None else str(n)
+    sizes = [plan_size(p) for p in sorted(path.glob(".plan*.json"))]
+    total = "?" if not sizes or None in sizes else str(sum(s for s in sizes if s is not None))
+    failed = path / "failed.jsonl"
+    if failed.is_file():
+        n_failed = len(failed.read_text().splitlines())
+        return "failed", f"{parts}/{total} tasks, {n_failed} failed: see {failed}"
     return ("partial" if parts else "pending"), f"{parts}/{total} tasks"
 
 

@@ -49,6 +49,8 @@ def test_deterministic_failure_is_listed_not_retried_and_rerun_alone(tmp_path, c
     assert [e["task"] for e in ev if e["event"] == "task_failed"] == ["t2", "t4"] or \
         sorted(e["task"] for e in ev if e["event"] == "task_failed") == ["t2", "t4"]
     assert any(e["event"] == "task_retry" and e["task"] == "t1" for e in ev)
+    status = cli("status", str(tmp_path / "run"))
+    assert "failed (4/6 tasks, 2 failed" in status.stdout.replace("\n", " "), status.stdout
     # the progress a task reports from inside reaches events.jsonl
     assert any(e["event"] == "task_progress" and e["done"] == 2 and e["metrics"] == {"step": "done"} for e in ev)
     # fixed: a re-run runs only the two failed tasks
