@@ -208,7 +208,8 @@ def stream_batches(artifact: str | os.PathLike[str], split: str, batch_size: int
         num_workers = 0
     ds = _ShardBatches(tars, size, batch_size, shuffle, seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(tars)))
-    yield from loader
+    for images, labels in loader:  # the loader converts to tensors; hand back arrays as documented
+        yield np.asarray(images), np.asarray(labels, dtype=np.int64)
 
 
 def sample_rows(artifact: Path, split: str, n: int, seed: int) -> list[dict]:

@@ -313,3 +313,12 @@ def test_validate_without_seeds_uses_the_recipes_evaluation_networks():
     assert ValidateParams(recipe="datadam").resolved_seeds() == list(range(10))
     assert ValidateParams(recipe="fast").resolved_seeds() == [0, 1, 2]
     assert ValidateParams(recipe="standard-dd", seeds=[7]).resolved_seeds() == [7]
+
+
+def test_streamed_training_learns(digits_shards, tmp_path, client):
+    res = run_pipeline({"name": "s", "output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "val", "stage": "validate", "inputs": {"train": str(digits_shards.path)},
+         "params": {"recipe": "standard-dd", "overrides": {**SMALL, "epochs": 3, "normalization": {"kind": "pool"}},
+                    "seeds": [0], "data_mode": "stream"}}]}, client)[0]
+    m = metrics(res)
+    assert m["n_train"] == 1438 and m["data_mode"] == "stream" and m["top1_mean"] > 50, m
