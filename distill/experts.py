@@ -14,8 +14,8 @@ from pipeline.artifacts import PartRecord
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
 from stages.train.model_space import save_space
 from stages.train.training_sets import TRAINING_KINDS, load_trainset
-from stages.train.stage_support import (TrainingParams, device, model_space, optional_test, recipe_identity,
-                                        resolve_model_space, trainset)
+from stages.train.stage_support import (TrainingParams, device, model_space, optional_test, progress_callback,
+                                        recipe_identity, resolve_model_space, trainset)
 from distill.buffer import save_expert
 from distill.trajectories import EXPERT_RECIPE, train_expert
 
@@ -51,7 +51,7 @@ class ExpertsStage(Stage[ExpertParams]):
         space, _ = model_space(ctx, ts, recipe, params)
         expert = train_expert(ts.images, ts.targets, num_classes=ts.num_classes, seed=params.seed + task.payload,
                               device=device(params.device), recipe=recipe, space=space, test=test,
-                              soft_labels=ts.soft_labels)
+                              soft_labels=ts.soft_labels, on_epoch=progress_callback(ctx, recipe.total_epochs))
         save_expert(ctx.output(f"experts/{task.id}.pt"), expert)
         return {"test": expert.meta.get("test"), "wall_time": expert.meta.get("wall_time"), "n_train": len(ts),
                 "params": int(expert.params.shape[1]), "model_space": space.describe()}

@@ -7,7 +7,7 @@ another); its flat parameters are recorded at init and after every epoch and wri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,16 +26,20 @@ def expert_recipe(**overrides: Any) -> Recipe:
 
 
 def train_expert(images: Tensor, labels: Tensor, *, num_classes: int, seed: int = 0,
-                 device: str | torch.device = "cpu", recipe: Recipe | None = None, **train_kwargs: Any) -> Expert:
+                 device: str | torch.device = "cpu", recipe: Recipe | None = None,
+                 on_epoch: Callable[[int, nn.Module, Any], None] | None = None, **train_kwargs: Any) -> Expert:
     """Train one expert from a seeded random init and record its flat parameters at init and every epoch.
 
-    ``train_kwargs`` go to ``trainer.train`` (space, test, ...); checkpointing is per expert file instead.
+    ``train_kwargs`` go to ``trainer.train`` (space, test, ...); ``on_epoch`` also sees every epoch (progress);
+    checkpointing is per expert file instead.
     """
     recipe = recipe or expert_recipe()
     snapshots: list[Tensor] = []
 
-    def record(epoch: int, model: nn.Module, _: Any) -> None:
+    def record(epoch: int, model: nn.Module, stats: Any) -> None:
         snapshots.append(flat_params(model).float().cpu())
+        if on_epoch is not None:
+            on_epoch(epoch, model, stats)
 
     result = train(images, labels, recipe, num_classes=num_classes, seed=seed, device=device, callback=record,
                    **train_kwargs)

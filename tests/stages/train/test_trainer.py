@@ -257,21 +257,27 @@ def test_mtt_exact_loop_equals_a_hand_written_reference_step_by_step():
     assert gap > 1e-3, gap  # keeping the momentum across the decay gives other weights: the test can fail
 
 
+def _kill_at(epoch_to_die: int):
+    def callback(epoch, model, stats):
+        if epoch == epoch_to_die:
+            raise Killed
+    return callback
+
+
+def _killed_then_resumed(recipe, seed: int, ckpt, kill_at: int, **kw):
+    """Train until the callback kills the run after ``kill_at`` epochs, then resume from ``ckpt``."""
+    with pytest.raises(Killed):
+        train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=seed, checkpoint_dir=ckpt, callback=_kill_at(kill_at))
+    return train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=seed, checkpoint_dir=ckpt, **kw)
+
+
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     recipe = small(schedule={"name": "cosine"}, mtt_exact=False,
                    network_kwargs={"width": 16, "depth": 2, "norm": "batchnorm"})
     full = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0)
-
-    def kill_after_two(epoch, model, stats):
-        if epoch == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0, checkpoint_dir=tmp_path, callback=kill_after_two)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary leftovers
     seen = []
-    resumed = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=0, checkpoint_dir=tmp_path,
-                    callback=lambda e, m, s: seen.append(e))
+    resumed = _killed_then_resumed(recipe, 0, tmp_path, 2, callback=lambda e, m, s: seen.append(e))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary leftovers
     assert seen == [3, 4]  # only the missing epochs ran
     assert same_weights(full.state_dict, resumed.state_dict)
     assert [s.loss for s in resumed.curve] == [s.loss for s in full.curve]
@@ -281,17 +287,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 
 def test_resume_across_the_mtt_momentum_reset(tmp_path):
-    recipe = small()  # 5 epochs, a fresh optimiser before the fifth
+    recipe = small()  # 5 epochs, a fresh optimiser before the fifth: killed after 4, the resumed run resets
     full = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=1)
-
-    def kill_before_reset(epoch, model, stats):
-        if epoch == 4:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=1, checkpoint_dir=tmp_path, callback=kill_before_reset)
-    resumed = train(*TRAIN, recipe, num_classes=NUM_CLASSES, seed=1, checkpoint_dir=tmp_path)
-    assert same_weights(full.state_dict, resumed.state_dict)
+    assert same_weights(full.state_dict, _killed_then_resumed(recipe, 1, tmp_path, 4).state_dict)
 
 
 def test_evaluate_top1_top5_exact():
