@@ -33,8 +33,10 @@ def main() -> None:
         if man.stage != "validate":
             continue
         mt = man.metrics
-        rows[res.name] = {k: mt.get(k) for k in ("recipe", "network", "epochs", "subset", "n_train", "top1_mean",
-                                                 "top1_std", "top5_mean", "per_seed", "images_per_sec", "wall_time_s")}
+        rows[res.name] = {k: mt.get(k) for k in ("recipe", "network", "epochs", "epochs_run", "mtt_exact", "subset",
+                                                 "n_train", "top1_mean", "top1_std", "top5_mean", "per_seed",
+                                                 "images_per_sec", "wall_time_s", "model_space",
+                                                 "model_space_source")}
         print(f"{res.name:22s} n={mt['n_train']:6d}  top-1 {mt['top1_mean']:6.2f} ± {mt['top1_std']:.2f}  "
               f"({mt['recipe']}, {mt['epochs']} epochs)")
     print("wrote", write_result(f"accuracy-{m.name}", {"manifest": str(args.manifest), "results": rows,

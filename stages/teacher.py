@@ -3,8 +3,10 @@
 With ``folds: K`` (K >= 2) the stage trains K models on K folds, so every training sample gets predictions
 from a model that never saw it (``oof_predictions.parquet``): what label-noise detection needs.
 
-Checkpoint format ``distillery.teacher.v1`` (``teachers/fold_{k}.pt``): network (create_network kwargs),
-state_dict, normalisation mean/std, classes, recipe, seed, held-out uids, test accuracy.
+Checkpoint format ``distillery.teacher.v2`` (``teachers/fold_{k}.pt``), loadable with ``torch.load(...,
+weights_only=True)`` (tensors, strings, numbers, lists and dicts only): network (create_network kwargs),
+state_dict, model_space (its description) + space_tensors (ZCA's transform), classes, recipe, seed, held-out uids,
+test accuracy.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ from torch import nn
 from pipeline.artifacts import PartRecord
 from pipeline.atomic import atomic_path
 from pipeline.stage import STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, Summary, Task, TaskContext
+from stages.train.model_space import ModelSpace, bridge, space_from
 from stages.train.networks import create_network
-from stages.train.trainer import train
-from stages.train.training_sets import TRAINING_KINDS
-from stages.train.stage_support import TrainingParams, device, optional_test, trainset
+from stages.train.trainer import Encoder, to_nchw, train
+from stages.train.training_sets import TRAINING_KINDS, load_trainset
+from stages.train.stage_support import (TrainingParams, device, model_space, optional_test, progress_callback,
+                                        recipe_identity, trainset)
 
-TEACHER_FORMAT = "distillery.teacher.v1"
+TEACHER_FORMAT = "distillery.teacher.v2"
 
 
 class TeacherParams(TrainingParams):
@@ -43,43 +47,82 @@ def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def save_teacher(path: Path, payload: dict[str, Any]) -> None:
+def save_teacher(path: Path, payload: dict[str, Any], space: ModelSpace) -> None:
+    body = {"format": TEACHER_FORMAT, **payload, "model_space": space.describe(),
+            "space_tensors": {k: v.detach().cpu() for k, v in space.tensors().items()}}
     with atomic_path(path) as tmp:
-        torch.save({"format": TEACHER_FORMAT, **payload}, tmp)
+        torch.save(body, tmp)
 
 
 class Teacher(nn.Module):
-    """A trained network that takes uint8-range images normalised by its own statistics."""
+    """A trained network; ``forward`` takes images in the teacher's own model space ``space``."""
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], meta: dict[str, Any]):
+    def __init__(self, net: nn.Module, space: ModelSpace, meta: dict[str, Any]):
         super().__init__()
         self.net = net
-        self.mean, self.std, self.meta = mean, std, meta
+        self.space, self.meta = space, meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def seeing(self, space: ModelSpace) -> nn.Module:
+        """This teacher taking inputs in another model space (a student's), mapped through [0, 1] pixels."""
+        to_mine = bridge(space, self.space)
+        return self if to_mine is None else _Bridged(self, to_mine, space, self.space)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, dev: torch.device | str = "cpu", batch: int = 1024) -> torch.Tensor:
+        """Raw logits of uint8 images (NHWC or NCHW), in eval mode, without augmentation."""
+        self.to(dev).eval()
+        enc = Encoder(self.space, torch.device(dev))
+        x = to_nchw(images)
+        return torch.cat([self(enc(x[i:i + batch].to(dev))).float().cpu() for i in range(0, len(x), batch)])
+
+
+class _Bridged(nn.Module):
+    def __init__(self, teacher: Teacher, to_teacher: Any, src: ModelSpace, dst: ModelSpace) -> None:
+        super().__init__()
+        self.teacher, self.to_teacher, self.src, self.dst = teacher, to_teacher, src, dst
+
+    def to(self, *args: Any, **kw: Any) -> "_Bridged":  # type: ignore[override]
+        self.teacher.to(*args, **kw)
+        dev = next(self.teacher.parameters()).device
+        self.src, self.dst = self.src.to(dev), self.dst.to(dev)
+        self.to_teacher = bridge(self.src, self.dst)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.to_teacher(x))
+
 
 def load_teacher(artifact: str | Path, fold: int = 0) -> Teacher:
+    """A teacher checkpoint, read with ``weights_only=True``: loading never runs code from the file."""
     path = Path(artifact) / "teachers" / f"fold_{fold}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher checkpoint (is {artifact} a teacher artifact?)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck.get("format") != TEACHER_FORMAT:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that needs code, or a truncated file
+        raise ValueError(f"{path}: not loadable as weights only ({type(e).__name__}: {e})") from e
+    if not isinstance(ck, dict) or ck.get("format") != TEACHER_FORMAT:
         raise ValueError(f"{path}: not a {TEACHER_FORMAT} checkpoint")
     net = create_network(**ck["network"])
     net.load_state_dict(ck["state_dict"])
-    return Teacher(net.eval(), tuple(ck["mean"]), tuple(ck["std"]), {k: ck[k] for k in ("classes", "recipe", "seed")})
+    space = space_from(ck["model_space"], ck.get("space_tensors"))
+    return Teacher(net.eval(), space, {k: ck[k] for k in ("classes", "recipe", "seed")})
 
 
 @STAGES.register()
 class TeacherStage(Stage[TeacherParams]):
     name = "teacher"
-    version = "1"
+    version = "2"  # 2: pool-statistics model space, weights-only checkpoints (format v2)
     Params = TeacherParams
     input_kinds = {"data": TRAINING_KINDS}
     output_kind = "model"
     resources = {"GPU": 1}
+
+    def identity(self, params: TeacherParams) -> dict[str, Any]:
+        return recipe_identity(params)
 
     def plan(self, inputs: dict[str, InputArtifact], params: TeacherParams, ctx: PlanContext) -> list[Task]:
         return [Task(id=f"fold_{k}", payload=k) for k in range(max(params.folds, 1))]
@@ -96,39 +139,44 @@ class TeacherStage(Stage[TeacherParams]):
         held = np.flatnonzero(fold == k)
         test = optional_test(ctx, inp, params)
         recipe = params.make_recipe()
+        space, space_info = model_space(ctx, ts, recipe, params)
         dev = device(params.device)
         images, targets = (ts.images, ts.targets) if streamed else (ts.images[train_idx], ts.targets[train_idx])
-        res = train(images, targets, recipe, num_classes=ts.num_classes,
-                    seed=params.seed + k, device=dev, test=test,
-                    checkpoint_dir=ctx.out_dir / ".ckpt" / task.id)
+        res = train(images, targets, recipe, num_classes=ts.num_classes, seed=params.seed + k, device=dev, test=test,
+                    space=space, soft_labels=ts.soft_labels, checkpoint_dir=ctx.checkpoint_dir,
+                    callback=progress_callback(ctx, recipe.total_epochs))
         info: dict[str, Any] = {"fold": k, "n_train": len(train_idx), "test": res.test,
-                                "images_per_sec": res.images_per_sec, "wall_time": res.wall_time}
+                                "images_per_sec": res.images_per_sec, "wall_time": res.wall_time,
+                                "model_space": space.describe(), "model_space_source": space_info}
+        teacher = Teacher(res.model(), space, {})
         if len(held):
-            probs = predict(res.model(), ts.images[torch.from_numpy(held)], res.mean, res.std, dev)
+            probs = torch.softmax(teacher.logits(ts.images[torch.from_numpy(held)], dev), 1).numpy()
             with open(ctx.output(f"oof/fold_{k}.npz"), "wb") as f:
                 np.savez(f, index=held, probs=probs)
-            info["oof_top1"] = float((probs.argmax(1) == ts.targets[torch.from_numpy(held)].numpy()).mean() * 100)
+            hard = ts.targets[torch.from_numpy(held)]
+            hard = hard.argmax(1) if hard.is_floating_point() else hard
+            info["oof_top1"] = float((probs.argmax(1) == hard.numpy()).mean() * 100)
         save_teacher(ctx.output(f"teachers/fold_{k}.pt"), {
-            "network": res.network, "state_dict": res.state_dict, "mean": res.mean, "std": res.std,
-            "classes": ts.classes, "recipe": recipe.model_dump(mode="json"), "seed": params.seed + k,
-            "held_out": [ts.uids[i] for i in held] if ts.uids else [], "test": res.test})
+            "network": res.network, "state_dict": res.state_dict, "classes": ts.classes,
+            "recipe": recipe.model_dump(mode="json"), "seed": params.seed + k,
+            "held_out": [ts.uids[i] for i in held] if ts.uids else [], "test": res.test}, space)
         return info
 
     def finalize(self, parts: list[PartRecord], params: TeacherParams, ctx: FinalizeContext) -> Summary:
         files: list[str] = []
-        metrics: dict[str, Any] = {"folds": [p.info for p in parts]}
+        metrics: dict[str, Any] = {"folds": [p.info for p in parts], "model_space": parts[0].info["model_space"],
+                                   "model_space_source": parts[0].info["model_space_source"]}
         tops = [p.info["test"]["top1"] for p in parts if p.info.get("test")]
         if tops:
             metrics["test_top1_mean"] = float(np.mean(tops))
         if params.folds > 1:
-            from stages.train.training_sets import load_trainset
-
-            ts = load_trainset(ctx.inputs["data"].path, params.train_split, params.image_size)
+            ts = load_trainset(ctx.inputs["data"].path, params.train_split, params.image_size,
+                               cache_dir=ctx.cache_dir)
             probs = np.zeros((len(ts), ts.num_classes), dtype=np.float32)
             for p in parts:
-                with np.load(ctx.out_dir / f"oof/{p.task}.npz") as z:
+                with np.load(ctx.out_dir / f"oof/{p.task}.npz", allow_pickle=False) as z:
                     probs[z["index"]] = z["probs"]
-            labels = ts.targets.numpy()
+            labels = ts.targets.argmax(1).numpy() if ts.targets.is_floating_point() else ts.targets.numpy()
             table = pa.table({"uid": ts.uids, "label": labels, "pred": probs.argmax(1),
                               "probs": list(probs)})
             with atomic_path(ctx.path("oof_predictions.parquet")) as tmp:
@@ -140,17 +188,3 @@ class TeacherStage(Stage[TeacherParams]):
         files.append("metrics.json")
         n = sum(p.info["n_train"] for p in parts)
         return Summary(counts={"runs": len(parts), "train_samples": n}, metrics=metrics, files=files)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, mean: Any, std: Any, dev: torch.device,
-            batch: int = 1024) -> np.ndarray:
-    """Softmax probabilities of uint8 images (NHWC or NCHW) under the model's normalisation."""
-    from stages.train.trainer import Normalizer, to_nchw
-
-    model = model.to(dev).eval()
-    norm = Normalizer(mean, std, dev)
-    x = to_nchw(images)
-    out = [torch.softmax(model(norm(x[i:i + batch].to(dev))).float(), 1).cpu() for i in range(0, len(x), batch)]
-    return torch.cat(out).numpy()
-

@@ -35,10 +35,10 @@ AUGMENTATIONS: Registry[Callable[..., Augment]] = Registry("augmentation")
 class _Draw:
     """Per-sample random draws for one batch; ``shared`` draws once and broadcasts (DSA's seeded batch mode)."""
 
-    def __init__(self, x: Tensor, generator: torch.Generator | None, shared: bool = False) -> None:
-        self.n, self.g, self.out = (1 if shared else x.shape[0]), generator, x.device
-        self.batch = x.shape[0]
-        self.dev = generator.device if generator is not None else x.device
+    def __init__(self, batch: int, device: torch.device, generator: torch.Generator | None,
+                 shared: bool = False) -> None:
+        self.n, self.g, self.out, self.batch = (1 if shared else batch), generator, device, batch
+        self.dev = generator.device if generator is not None else device
 
     def _fit(self, t: Tensor) -> Tensor:
         return t.to(self.out).expand(self.batch)
@@ -121,82 +121,150 @@ def _families(strategy: str) -> list[str]:
     return [] if strategy.lower() in ("", "none") else strategy.split("_")
 
 
-def _brightness(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
-    return x + (d.uniform() - 0.5).view(-1, 1, 1, 1) * p.brightness
+# Each DSA op is a pair: ``draw(params, draw, image_shape) -> {name: per-sample tensor}`` and a pure
+# ``apply(x, **drawn)``, so a test (or a siamese caller) can fix the draws and check the transform by hand.
+Drawn = dict[str, Any]
 
 
-def _saturation(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
+def apply_brightness(x: Tensor, shift: Tensor) -> Tensor:
+    return x + shift.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def apply_saturation(x: Tensor, factor: Tensor) -> Tensor:
     mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * (d.uniform() * p.saturation).view(-1, 1, 1, 1) + mean
+    return (x - mean) * factor.view(-1, 1, 1, 1).to(x.dtype) + mean
 
 
-def _contrast(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
+def apply_contrast(x: Tensor, factor: Tensor) -> Tensor:
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (d.uniform() + p.contrast).view(-1, 1, 1, 1) + mean
+    return (x - mean) * factor.view(-1, 1, 1, 1).to(x.dtype) + mean
 
 
-def _crop(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
-    sy, sx = (int(s * p.ratio_crop_pad + 0.5) for s in x.shape[2:])  # DSA: nearest-pixel shift, zero fill
-    return translate(x, d.randint(-sy, sy + 1), d.randint(-sx, sx + 1), max(sy, sx), "zeros")
+def apply_crop(x: Tensor, dy: Tensor, dx: Tensor, pad: int) -> Tensor:
+    """out[i, j] = x[i + dy, j + dx], zero outside (DSA's rand_crop: nearest-pixel shift, zero fill)."""
+    return translate(x, dy, dx, pad, "zeros")
 
 
-def _cutout(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
+def apply_cutout(x: Tensor, top: Tensor, left: Tensor, height: int, width: int) -> Tensor:
+    """Zero the ``height x width`` square at (``top``, ``left``) (may start outside; clipped at the border)."""
     h, w = x.shape[2:]
-    ch, cw = int(h * p.ratio_cutout + 0.5), int(w * p.ratio_cutout + 0.5)
-    y0 = d.randint(0, h + (1 - ch % 2)) - ch // 2
-    x0 = d.randint(0, w + (1 - cw % 2)) - cw // 2
     ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    in_y = (ys >= y0[:, None]) & (ys < y0[:, None] + ch)
-    in_x = (xs >= x0[:, None]) & (xs < x0[:, None] + cw)
+    in_y = (ys >= top[:, None]) & (ys < top[:, None] + height)
+    in_x = (xs >= left[:, None]) & (xs < left[:, None] + width)
     keep = ~(in_y[:, :, None] & in_x[:, None, :])
     return x * keep[:, None].to(x.dtype)
 
 
-def _flip(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
-    return random_flip(x, p.prob_flip, d)
+def apply_flip(x: Tensor, flip: Tensor) -> Tensor:
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def _scale(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
-    r = p.ratio_scale
-    sx = d.uniform() * (r - 1.0 / r) + 1.0 / r
-    sy = d.uniform() * (r - 1.0 / r) + 1.0 / r
+def apply_scale(x: Tensor, sx: Tensor, sy: Tensor) -> Tensor:
     zero = torch.zeros_like(sx)
     return _affine(x, sx, zero, zero, sy)
 
 
-def _rotate(x: Tensor, p: DSAParams, d: _Draw) -> Tensor:
-    angle = (d.uniform() - 0.5) * 2 * p.ratio_rotate / 180 * math.pi
+def apply_rotate(x: Tensor, angle: Tensor) -> Tensor:
+    """Rotate by ``angle`` radians: theta = [[cos, -sin], [sin, cos]] as DSA's rand_rotate."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     return _affine(x, cos, -sin, sin, cos)
 
 
-DSA_FAMILIES: dict[str, tuple[Callable[[Tensor, DSAParams, _Draw], Tensor], ...]] = {
-    "color": (_brightness, _saturation, _contrast),
-    "crop": (_crop,),
-    "cutout": (_cutout,),
-    "flip": (_flip,),
-    "scale": (_scale,),
-    "rotate": (_rotate,),
+def _draw_brightness(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    return {"shift": (d.uniform() - 0.5) * p.brightness}
+
+
+def _draw_saturation(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    return {"factor": d.uniform() * p.saturation}
+
+
+def _draw_contrast(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    return {"factor": d.uniform() + p.contrast}
+
+
+def _draw_crop(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    sy, sx = (int(s * p.ratio_crop_pad + 0.5) for s in shape[2:])
+    return {"dy": d.randint(-sy, sy + 1), "dx": d.randint(-sx, sx + 1), "pad": max(sy, sx)}
+
+
+def _draw_cutout(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    h, w = shape[2:]
+    ch, cw = int(h * p.ratio_cutout + 0.5), int(w * p.ratio_cutout + 0.5)
+    return {"top": d.randint(0, h + (1 - ch % 2)) - ch // 2, "left": d.randint(0, w + (1 - cw % 2)) - cw // 2,
+            "height": ch, "width": cw}
+
+
+def _draw_flip(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    return {"flip": d.uniform() < p.prob_flip}
+
+
+def _draw_scale(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    r = p.ratio_scale
+    return {"sx": d.uniform() * (r - 1.0 / r) + 1.0 / r, "sy": d.uniform() * (r - 1.0 / r) + 1.0 / r}
+
+
+def _draw_rotate(p: DSAParams, d: _Draw, shape: tuple[int, ...]) -> Drawn:
+    return {"angle": (d.uniform() - 0.5) * 2 * p.ratio_rotate / 180 * math.pi}
+
+
+DrawFn = Callable[[DSAParams, _Draw, tuple[int, ...]], Drawn]
+DSA_OPS: dict[str, tuple[DrawFn, Callable[..., Tensor]]] = {
+    "brightness": (_draw_brightness, apply_brightness),
+    "saturation": (_draw_saturation, apply_saturation),
+    "contrast": (_draw_contrast, apply_contrast),
+    "crop": (_draw_crop, apply_crop),
+    "cutout": (_draw_cutout, apply_cutout),
+    "flip": (_draw_flip, apply_flip),
+    "scale": (_draw_scale, apply_scale),
+    "rotate": (_draw_rotate, apply_rotate),
 }
+# a family is the ops it applies, in order (DSA's AUGMENT_FNS)
+DSA_FAMILIES: dict[str, tuple[str, ...]] = {
+    "color": ("brightness", "saturation", "contrast"),
+    "crop": ("crop",),
+    "cutout": ("cutout",),
+    "flip": ("flip",),
+    "scale": ("scale",),
+    "rotate": ("rotate",),
+}
+
+DSAPlan = list[tuple[str, Drawn]]  # (op name, its draws) in application order
+
+
+def plan_dsa(params: DSAParams, shape: tuple[int, ...], generator: torch.Generator | None = None,
+             device: torch.device | str = "cpu") -> DSAPlan:
+    """Every random choice of one DSA call for a batch of ``shape``. In mode 'S' the family is picked *before*
+    any per-sample draw, so identically seeded calls pick the same family whatever their batch sizes (siamese
+    real vs synthetic batches); with ``shared`` they also draw the same parameters."""
+    families = params.families
+    draw = _Draw(shape[0], torch.device(device), generator, params.shared)
+    plan: DSAPlan = []
+    chosen = families
+    if params.mode == "S":
+        if params.flip_first and "flip" in families:
+            plan.append(("flip", _draw_flip(params, draw, shape)))
+            families = [f for f in families if f != "flip"]
+        chosen = []
+        if families:
+            pick = torch.randint(len(families), (1,), generator=generator, device=draw.dev)
+            chosen = [families[int(pick)]]
+    for family in chosen:
+        for op in DSA_FAMILIES[family]:
+            plan.append((op, DSA_OPS[op][0](params, draw, shape)))
+    return plan
+
+
+def apply_dsa(x: Tensor, plan: DSAPlan) -> Tensor:
+    for op, drawn in plan:
+        x = DSA_OPS[op][1](x, **drawn)
+    return x.contiguous()
 
 
 def dsa(x: Tensor, params: DSAParams = DSAParams(), generator: torch.Generator | None = None) -> Tensor:
     """Apply DSA to a float batch (N, C, H, W). Mode 'S' picks one family per call, 'M' applies all."""
-    families = params.families
-    if not families:
+    if not params.families:
         return x
-    draw = _Draw(x, generator, params.shared)
-    if params.mode == "S":
-        if params.flip_first and "flip" in families:
-            x = _flip(x, params, draw)
-            families = [f for f in families if f != "flip"]
-        if families:
-            pick = torch.randint(len(families), (1,), generator=generator, device=draw.dev)
-            families = [families[int(pick)]]
-    for family in families:
-        for fn in DSA_FAMILIES[family]:
-            x = fn(x, params, draw)
-    return x.contiguous()
+    return apply_dsa(x, plan_dsa(params, tuple(x.shape), generator, x.device))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,7 +282,7 @@ class CropFlipParams(BaseModel):
 
 
 def crop_flip(x: Tensor, params: CropFlipParams = CropFlipParams(), generator: torch.Generator | None = None) -> Tensor:
-    draw = _Draw(x, generator)
+    draw = _Draw(x.shape[0], x.device, generator)
     x = translate(x, draw.randint(-params.pad, params.pad + 1), draw.randint(-params.pad, params.pad + 1),
                   params.pad, params.padding_mode)
     return random_flip(x, 0.5, draw) if params.flip else x

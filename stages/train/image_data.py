@@ -1,8 +1,10 @@
 """Training data from shard artifacts: a decoded uint8 tensor cache for small sets, streaming for large ones.
 
-Small datasets (CIFAR-10 is 184 MB as raw uint8) are decoded once into ``cache/<split>-<size>.npy`` next to
-the artifact and augmented on the device; larger ones stream from the shards through webdataset and
-DataLoader workers. The choice is automatic by decoded size and can be forced.
+Small datasets (CIFAR-10 is 184 MB as raw uint8) are decoded once into a ``.npy`` under the declared cache
+location (``ctx.cache_dir/images/``, keyed by the artifact id, split, size and selection; never inside the
+artifact, which is immutable) and augmented on the device; larger ones stream from the shards through webdataset
+and DataLoader workers, shuffled deterministically for a seed and a worker count. The choice is automatic by
+decoded size and can be forced.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
+from pipeline.artifacts import Artifact
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 from stages.imaging.decode import decode
@@ -72,25 +76,35 @@ def decoded_bytes(table, size: int | None) -> int:
     return int(pc.sum(pc.multiply(table["width"], table["height"])).as_py() or 0) * 3
 
 
+def image_cache_path(cache_dir: Path, artifact_id: str, split: str, size: int | None, uids: Sequence[str]) -> Path:
+    """Where a decoded split lives in the cache: keyed by artifact id, split, size and the selection's uids."""
+    tag = hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "images" / f"{artifact_id}-{split}-{size or 'native'}-{tag}.npy"
+
+
 def load_images(artifact: str | os.PathLike[str], split: str = "train", *, size: int | None = None,
-                uids: Sequence[str] | None = None, cache: bool = True) -> ImageSet:
-    """Decode a split (or a uid selection of it) into memory, through the on-disk uint8 cache."""
+                uids: Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None) -> ImageSet:
+    """Decode a split (or a uid selection of it) into memory; with ``cache_dir`` through a uint8 ``.npy`` cache
+    there (read with ``allow_pickle=False``)."""
     artifact = Path(artifact)
     table = read_index(artifact, split, uids)
     classes = json.loads((artifact / "classes.json").read_text())
     rows = table.to_pylist()
-    tag = hashlib.sha256("".join(r["uid"] for r in rows).encode()).hexdigest()[:12]
-    cache_path = artifact / "cache" / f"{split}-{size or 'native'}-{tag}.npy"
     labels = np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64)
-    if cache and cache_path.is_file():
-        images = np.load(cache_path)
+    uid_list = [r["uid"] for r in rows]
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = image_cache_path(Path(cache_dir), Artifact(artifact).manifest().artifact_id, split, size,
+                                      uid_list)
+    if cache_path is not None and cache_path.is_file():
+        images = np.load(cache_path, allow_pickle=False)
     else:
         images = decode_rows(artifact, split, rows, size)
-        if cache:
+        if cache_path is not None:
             with atomic_path(cache_path) as tmp:
                 with open(tmp, "wb") as f:
-                    np.save(f, images)
-    return ImageSet(images, labels, [r["uid"] for r in rows], [r["key"] for r in rows], classes)
+                    np.save(f, images, allow_pickle=False)
+    return ImageSet(images, labels, uid_list, [r["key"] for r in rows], classes)
 
 
 def decode_rows(artifact: Path, split: str, rows: list[dict], size: int | None) -> np.ndarray:
@@ -124,30 +138,87 @@ def choose_mode(artifact: Path, split: str, size: int | None, mode: Literal["aut
     return "memory" if decoded_bytes(read_index(artifact, split), size) <= limit else "stream"
 
 
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """webdataset-style shuffle buffer driven by an explicit generator: every item exactly once."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], item = item, buf[j]
+        yield item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """Each DataLoader worker reads its share of a seeded shard order and yields batches.
+
+    Determinism for (seed, number of workers): worker ``w`` of ``W`` reads shards ``perm[w::W]`` of a permutation
+    drawn from ``seed``, shuffles them in a buffer seeded by (seed, w), and batches; the DataLoader interleaves
+    the workers' batches in a fixed round-robin order.
+    """
+
+    def __init__(self, tars: list[str], size: int | None, batch_size: int, shuffle: int, seed: int) -> None:
+        super().__init__()
+        self.tars, self.size, self.batch_size, self.shuffle, self.seed = tars, size, batch_size, shuffle, seed
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = np.random.default_rng(self.seed).permutation(len(self.tars)) if self.shuffle else range(len(self.tars))
+        mine = [self.tars[i] for i in list(order)[worker::workers]]
+        if not mine:
+            return
+        samples = wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                 empty_check=False).map(self._decode)
+        if self.shuffle:
+            samples = _buffer_shuffle(iter(samples), self.shuffle, np.random.default_rng([self.seed, worker]))
+        batch: list[tuple[np.ndarray, int]] = []
+        for item in samples:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._stack(batch)
+                batch = []
+        if batch:
+            yield self._stack(batch)
+
+    def _decode(self, sample: dict) -> tuple[np.ndarray, int]:
+        ext = next(k for k in ("jpg", "jpeg", "png", "webp") if k in sample)
+        return decode(sample[ext], self.size), int(sample["cls"])
+
+    @staticmethod
+    def _stack(batch: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+        return np.stack([b[0] for b in batch]), np.array([b[1] for b in batch], dtype=np.int64)
+
+
 def stream_batches(artifact: str | os.PathLike[str], split: str, batch_size: int, *, size: int | None = None,
                    num_workers: int = 2, shuffle: int = 1000, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches of (uint8 N x H x W x 3, int64 labels) streamed from the shards with DataLoader workers."""
-    import torch
-    import webdataset as wds
+    """Batches of (uint8 N x H x W x 3, int64 labels) streamed from the shards with DataLoader workers; the same
+    ``seed`` and worker count give the same batches, every sample once per pass (``shuffle=0``: shard order)."""
+    import multiprocessing
 
     tars = sorted(str(p) for p in (Path(artifact) / "shards" / split).glob("*.tar"))
     if not tars:
         raise DataError(f"{artifact}: no shards for split '{split}'")
-
-    def to_arrays(sample: dict) -> tuple[np.ndarray, int]:
-        ext = next(k for k in ("jpg", "jpeg", "png", "webp") if k in sample)
-        return decode(sample[ext], size), int(sample["cls"])
-
-    ds = (wds.WebDataset(tars, shardshuffle=len(tars) if shuffle else False, seed=seed,
-                         workersplitter=wds.split_by_worker, nodesplitter=None)
-          .shuffle(shuffle).map(to_arrays).batched(batch_size, partial=True))
-    import multiprocessing
-
     if multiprocessing.current_process().daemon:  # a Dask worker started with daemon=True cannot fork loaders
         num_workers = 0
+    ds = _ShardBatches(tars, size, batch_size, shuffle, seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(tars)))
-    for images, labels in loader:
+    for images, labels in loader:  # the loader converts to tensors; hand back arrays as documented
         yield np.asarray(images), np.asarray(labels, dtype=np.int64)
+
+
+def sample_rows(artifact: Path, split: str, n: int, seed: int) -> list[dict]:
+    """A seeded random sample of ``n`` index rows of a split (all of them when it has fewer), in index order."""
+    table = read_index(artifact, split)
+    if n < table.num_rows:
+        idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=n, replace=False))
+        table = table.take(idx)
+    return table.to_pylist()
 
 
 class ShardStream:
@@ -163,15 +234,11 @@ class ShardStream:
         return self._n
 
     def sample(self, n: int):
-        import torch
-
         rows = read_index(self.artifact, self.split).slice(0, n).to_pylist()
         return torch.from_numpy(decode_rows(self.artifact, self.split, rows, self.size)), \
             torch.tensor([r["label"] for r in rows])
 
     def batches(self, batch_size: int, seed: int):
-        import torch
-
         for images, labels in stream_batches(self.artifact, self.split, batch_size, size=self.size,
                                              num_workers=self.num_workers, shuffle=self.shuffle, seed=seed):
-            yield torch.from_numpy(images), torch.from_numpy(labels)
+            yield torch.from_numpy(np.asarray(images)), torch.from_numpy(np.asarray(labels))

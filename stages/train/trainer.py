@@ -1,9 +1,13 @@
 """Reference trainer: trains one network on in-memory tensors under a ``Recipe``; the yardstick every curated or
 distilled set is measured with.
 
-* Data stays on the device as given (uint8 images are normalised per batch on the device, like airbench).
-* Hard labels (int64) and soft labels (float probability rows) both train; a ``teacher`` adds on-the-fly KD on
-  each augmented view (FKD / SRe2L "naive KD").
+* Data stays on the device as given; uint8 images are mapped into the *model space* per batch on the device (like
+  airbench): the pool's statistics, a recipe's constants or ZCA (``stages.train.model_space``), never the training
+  subset's own statistics. Float images (synthetic sets) are already in that space and are used as given.
+* Hard labels (int64) and stored soft labels (float rows: probabilities at a stated temperature, or logits; see
+  ``losses.SoftLabels``) both train; a ``teacher`` adds on-the-fly KD on each augmented view (FKD / SRe2L).
+* ``recipe.mtt_exact`` runs the DC/MTT ``evaluate_synset`` loop: epochs + 1 epochs, lr decay with a fresh
+  optimiser (momentum reset), tested at the end.
 * Deterministic for a seed: the initial weights, the batch order and the augmentation each come from their own
   seeded generator (the global RNG is forked, never reseeded). On CPU two runs give bit-identical weights.
 * Checkpoints after every epoch (atomic rename) hold everything that changes during training, so a killed run
@@ -26,11 +30,12 @@ from torch import Tensor, nn
 
 from pipeline.atomic import atomic_path
 from stages.train.augment import make_augmentation
-from stages.train.losses import make_loss
+from stages.train.losses import SoftLabels, make_loss
+from stages.train.model_space import ModelSpace, fixed
 from stages.train.networks import create_network
-from stages.train.recipes import Recipe, lr_factor
+from stages.train.recipes import Recipe, epoch_plan, lr_factor
 
-CHECKPOINT_FORMAT = "distillery.trainer.checkpoint.v1"
+CHECKPOINT_FORMAT = "distillery.trainer.checkpoint.v2"
 WHITEN_INIT_IMAGES = 5000  # images used by networks with a data-dependent init (airbench's whitening stem)
 
 
@@ -53,8 +58,7 @@ class TrainResult:
     images_per_sec: float
     test: dict[str, float] | None  # final {top1, top5} on the test set
     network: dict[str, Any]  # create_network arguments; see ``model()``
-    mean: tuple[float, ...] | None  # normalisation applied to uint8 inputs (pass to ``evaluate``)
-    std: tuple[float, ...] | None
+    space: ModelSpace | None  # the model space uint8 inputs were mapped into (pass to ``evaluate``)
     seed: int
     recipe: Recipe
 
@@ -83,46 +87,33 @@ def to_nchw(images: Tensor) -> Tensor:
     raise ValueError(f"cannot tell the channel axis of images with shape {tuple(images.shape)}")
 
 
-def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NCHW images scaled to [0, 1] (float64, chunked to bound memory)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    sq = torch.zeros_like(total)
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64) / 255.0
-        total += x.sum((0, 2, 3)).cpu()
-        sq += (x * x).sum((0, 2, 3)).cpu()
-    n = images.numel() / images.shape[1]
-    mean = total / n
-    std = (sq / n - mean * mean).clamp_min(1e-12).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
+def resolve_space(recipe: Recipe, space: ModelSpace | None) -> ModelSpace | None:
+    """The model space of a run: the caller's (the pool's statistics or a fitted ZCA), else the recipe's constants.
+
+    Never the training images' own statistics: a subset, its random baseline and the test split must all be
+    seen through the same map."""
+    if space is not None:
+        return space
+    norm = recipe.normalization
+    if norm.kind == "fixed":
+        return fixed(norm.mean, norm.std)  # type: ignore[arg-type]
+    return None
 
 
-class Normalizer:
-    """uint8 -> (x/255 - mean)/std on the device; float images are taken as already in model space."""
+class Encoder:
+    """uint8 NCHW -> the model space on ``device``; float images are taken as already in it."""
 
-    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, device: torch.device) -> None:
-        self.mean = None if mean is None else torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.tensor(std, device=device).view(1, -1, 1, 1)
+    def __init__(self, space: ModelSpace | None, device: torch.device, what: str = "uint8 images") -> None:
+        self.space = space.to(device) if space is not None else None
+        self.what = what
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
             return x.float()
-        if self.mean is None or self.std is None:
-            raise ValueError("uint8 images need mean/std for normalisation")
-        return (x.float() / 255.0 - self.mean) / self.std
-
-
-def _resolve_stats(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None,
-                   test: tuple[Tensor, Tensor] | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    if (mean is None) != (std is None):
-        raise ValueError("pass both mean and std, or neither")
-    if mean is not None:
-        return tuple(mean), tuple(std)  # type: ignore[arg-type]
-    if not x.is_floating_point():
-        return channel_stats(x)
-    if test is not None and not test[0].is_floating_point():
-        raise ValueError("float training images with uint8 test images: pass the mean/std of the model space")
-    return None, None
+        if self.space is None:
+            raise ValueError(f"{self.what} need a model space: pass space= (the pool's statistics or a fitted ZCA; "
+                             "stages resolve it from the artifact) or use a recipe with fixed normalization")
+        return self.space.encode(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,13 +148,13 @@ def _derived_generator(seed: int, stream: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, mean: Sequence[float] | None = None,
-             std: Sequence[float] | None = None, batch_size: int = 1024, device: str | torch.device | None = None,
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, space: ModelSpace | None = None,
+             batch_size: int = 1024, device: str | torch.device | None = None,
              precision: str = "fp32") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) in eval mode. uint8 images need the training ``mean``/``std``."""
+    """Top-1 / top-5 accuracy (%) in eval mode. uint8 images are mapped into the training ``space``."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     x, y = to_nchw(images), (labels.argmax(1) if labels.is_floating_point() else labels).to(dev)
-    norm = Normalizer(mean, std, dev)
+    norm = Encoder(space, dev, "uint8 test images")
     was_training = model.training
     model.eval()
     top1 = top5 = 0
@@ -237,7 +228,7 @@ class BatchStream(Protocol):
     def __len__(self) -> int: ...
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
-        """Up to ``n`` images (for normalisation statistics and data-dependent init)."""
+        """The first ``n`` images (for a data-dependent init)."""
         ...
 
     def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]: ...
@@ -260,19 +251,21 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
           device: str | torch.device = "cpu", test: tuple[Tensor, Tensor] | None = None,
           teacher: nn.Module | None = None, checkpoint_dir: str | Path | None = None, resume: bool = True,
           epochs: int | None = None, lr: float | None = None, callback: EpochCallback | None = None,
-          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+          space: ModelSpace | None = None, soft_labels: SoftLabels | None = None,
           eval_every: int = 0) -> TrainResult:
     """Train a fresh ``recipe.network`` on ``images`` (uint8 or float, NCHW or NHWC) and ``targets``.
 
-    ``targets``: int64 class ids, or float (N, num_classes) probability rows. ``mean``/``std`` default to the
-    training images' channel statistics (uint8 only; float images are used as given). ``epochs``/``lr`` override
-    the recipe (e.g. the learned lr of a distilled set). ``callback(epochs_done, model, stats)`` runs once with
-    ``(0, model, None)`` before a fresh start and after every epoch. ``eval_every`` > 0 also tests mid-run.
+    ``targets``: int64 class ids, or float (N, num_classes) stored soft labels of form ``soft_labels`` (default:
+    probabilities at temperature 1). ``space``: the model space uint8 images (training and test) are mapped into;
+    default: the recipe's fixed constants (a recipe normalising with the pool's statistics or ZCA needs it given).
+    Float images are used as given. ``epochs``/``lr`` override the recipe (e.g. the learned lr of a distilled set).
+    ``callback(epochs_done, model, stats)`` runs once with ``(0, model, None)`` before a fresh start and after every
+    epoch. ``eval_every`` > 0 also tests mid-run (evaluation never changes the training).
     """
     recipe = recipe.with_overrides(**{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     dev = torch.device(device)
     stream = images if isinstance(images, BatchStream) else None
-    if stream is not None:  # labels come with the batches; statistics from a first sample of them
+    if stream is not None:  # labels come with the batches; a data-dependent init from a first sample of them
         x = to_nchw(stream.sample(WHITEN_INIT_IMAGES)[0])
         targets = torch.zeros(len(stream), dtype=torch.long)
     else:
@@ -281,8 +274,10 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     soft = targets.is_floating_point()
     if len(targets) != n or (soft and tuple(targets.shape) != (n, num_classes)):
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match {n} images / {num_classes} classes")
-    mean, std = _resolve_stats(x, mean, std, test)
-    norm = Normalizer(mean, std, dev)
+    space = resolve_space(recipe, space)
+    norm = Encoder(space, dev)
+    if test is not None and not test[0].is_floating_point() and space is None:
+        raise ValueError("uint8 test images need a model space: pass space= (the one the training images live in)")
     x, y = x.to(dev).contiguous(), targets.to(dev, torch.float32 if soft else torch.long)  # one layout: same numerics
     channels_last = recipe.channels_last  # also pays on CPU: oneDNN convs prefer NHWC (~1.3x for BN nets)
 
@@ -296,7 +291,8 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, recipe)
     augment = make_augmentation(recipe.augmentation.name, recipe.augmentation.params)
-    loss_fn = make_loss(recipe.loss)
+    soft_labels = soft_labels or SoftLabels()
+    loss_fn = make_loss(recipe.loss, soft_labels)
     gens = {"order": _derived_generator(seed, 1), "augment": _derived_generator(seed, 2)}
     if teacher is not None:
         teacher = teacher.to(dev).eval()
@@ -304,8 +300,11 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     bs = recipe.batch_size
     steps_per_epoch = n // bs if (recipe.drop_last and n >= bs) else math.ceil(n / bs)
     samples_per_epoch = min(n, steps_per_epoch * bs)
+    total_epochs = recipe.total_epochs
+    plan = epoch_plan(recipe) if recipe.mtt_exact else None
     identity = {"recipe": recipe.model_dump(mode="json"), "seed": seed, "num_classes": num_classes,
-                "n": n, "soft": soft, "teacher": teacher is not None}
+                "n": n, "soft": soft, "soft_labels": soft_labels.model_dump(mode="json") if soft else None,
+                "teacher": teacher is not None, "space": space.describe() if space is not None else None}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
 
     if ckpt is not None and resume and ckpt.exists():
@@ -320,10 +319,12 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     def run_test() -> dict[str, float]:
         if test is None:
             raise ValueError("no test set to evaluate on")
-        return evaluate(model, test[0], test[1], mean=mean, std=std, batch_size=recipe.eval_batch_size,
+        return evaluate(model, test[0], test[1], space=space, batch_size=recipe.eval_batch_size,
                         device=dev, precision=recipe.precision)
 
-    while prog.epoch < recipe.epochs:
+    while prog.epoch < total_epochs:
+        if plan is not None and plan[prog.epoch][1]:
+            opt = make_optimizer(model, recipe)  # evaluate_synset re-creates SGD at the decay: momentum reset
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dev)
@@ -334,7 +335,8 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
             seen += len(yb)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            factor = lr_factor(recipe.schedule, prog.step, steps_per_epoch, recipe.epochs)
+            factor = plan[prog.epoch][0] if plan is not None else \
+                lr_factor(recipe.schedule, prog.step, steps_per_epoch, recipe.epochs)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr * factor * g["lr_scale"]
             with _autocast(dev, recipe.precision):
@@ -354,7 +356,7 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
         prog.epoch += 1
         stats = EpochStats(prog.epoch, loss_value / max(seen, 1), 100.0 * correct_value / max(seen, 1),
                            recipe.lr * factor, seconds)
-        if test is not None and (prog.epoch == recipe.epochs or (eval_every and prog.epoch % eval_every == 0)):
+        if test is not None and (prog.epoch == total_epochs or (eval_every and prog.epoch % eval_every == 0)):
             metrics = run_test()
             stats.test_top1, stats.test_top5 = metrics["top1"], metrics["top5"]
         prog.curve.append(stats)
@@ -372,7 +374,7 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         curve=prog.curve, wall_time=prog.train_time,
         images_per_sec=samples_per_epoch * prog.epoch / max(prog.train_time, 1e-9), test=final,
-        network=network, mean=mean, std=std, seed=seed, recipe=recipe)
+        network=network, space=space, seed=seed, recipe=recipe)
 
 
 def train_seeds(images: Tensor, targets: Tensor, recipe: Recipe, *, test: tuple[Tensor, Tensor],

@@ -1,10 +1,11 @@
 """What the trainer trains on, whatever artifact it comes from: images + hard or soft targets.
 
-Each artifact kind registers a loader under its kind in ``TRAINSETS`` (``shards`` here; selections,
-labels and synthetic sets register theirs where they are defined): consumers dispatch on the kind, never on the
-name of the stage that made the artifact. A loader returns a ``TrainSet``:
-the images, their targets, and the *pool* they were chosen from, so the validator can always train the
-random-subset baseline of the same size under the same recipe.
+Each artifact kind registers a loader under its kind in ``TRAINSETS`` (``shards`` and ``synthetic-set`` here;
+selections and labels register theirs where they are defined): consumers dispatch on the kind, never on the
+name of the stage that made the artifact. A loader returns a ``TrainSet``: the images, their targets, the
+*pool* they were chosen from (so the validator can train the random-subset baseline of the same size under the
+same recipe), the artifact whose training split defines the model space, and for float sets the model space
+their images already live in.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pipeline.artifacts import Artifact
 from pipeline.registry import Registry
 from stages.train.image_data import ImageSet, ShardStream, choose_mode, load_images
+from stages.train.losses import SoftLabels
+from stages.train.model_space import ModelSpace
+from stages.train.synthetic_set import SYNTHETIC_FILE, SYNTHETIC_KIND, load_synthetic_set
 
 
 @dataclass
@@ -31,6 +35,11 @@ class TrainSet:
     pool: ImageSet | None = None  # what a random baseline of the same size draws from
     lr: float | None = None  # a learned learning rate travels with some distilled sets
     info: dict[str, Any] = field(default_factory=dict)
+    space: ModelSpace | None = None  # float images: the model space they live in (recorded by the set)
+    pool_artifact: Path | None = None  # whose training split's statistics / ZCA define the model space
+    pool_split: str = "train"
+    soft_labels: SoftLabels | None = None  # float targets: how they are stored
+    labeller: Path | None = None  # the teacher artifact that produced the soft labels, when the set names one
 
     def __len__(self) -> int:
         return len(self.images) if self.info.get("mode") == "stream" else len(self.targets)
@@ -38,31 +47,57 @@ class TrainSet:
 
 # artifact kinds a training set can be loaded from (each registers a loader below or where it is defined)
 TRAINING_KINDS = ("shards", "selection", "labels", "synthetic-set")
-Loader = Callable[..., TrainSet]  # (path, split, size, mode) -> TrainSet
+Loader = Callable[..., TrainSet]  # (path, split, size, mode, cache_dir) -> TrainSet
 TRAINSETS: Registry[Loader] = Registry("training-set loader", entry_point_group="distillery.trainsets")
 
 
-def from_images(s: ImageSet, pool: ImageSet | None = None) -> TrainSet:
+def from_images(s: ImageSet, pool: ImageSet | None = None, **kw: Any) -> TrainSet:
     return TrainSet(torch.from_numpy(np.ascontiguousarray(s.images)), torch.from_numpy(s.labels), s.num_classes,
-                    s.classes, s.uids, pool)
+                    s.classes, s.uids, pool, **kw)
 
 
 @TRAINSETS.register("shards")
-def _shards(path: Path, split: str, size: int | None, mode: str = "auto") -> TrainSet:
+def _shards(path: Path, split: str, size: int | None, mode: str = "auto", cache_dir: Path | None = None) -> TrainSet:
     """Decoded into memory when it fits (``MEMORY_LIMIT_BYTES``), else streamed from the shards."""
     if choose_mode(path, split, size, mode) == "stream":  # type: ignore[arg-type]
         import json
 
         stream = ShardStream(path, split, size)
         classes = json.loads((path / "classes.json").read_text())
-        return TrainSet(stream, torch.zeros(0, dtype=torch.long), len(classes), classes, info={"mode": "stream"})
-    return from_images(load_images(path, split, size=size))
+        return TrainSet(stream, torch.zeros(0, dtype=torch.long), len(classes), classes, info={"mode": "stream"},
+                        pool_artifact=path, pool_split=split)
+    return from_images(load_images(path, split, size=size, cache_dir=cache_dir), info={"mode": "memory"},
+                       pool_artifact=path, pool_split=split)
 
 
-def load_trainset(path: str | Path, split: str = "train", size: int | None = None, mode: str = "auto") -> TrainSet:
+@TRAINSETS.register(SYNTHETIC_KIND)
+def _synthetic(path: Path, split: str, size: int | None, mode: str = "auto", cache_dir: Path | None = None) -> TrainSet:
+    """A distilled set in its own model space; its pool (for the random baseline) is loaded when it still exists."""
+    s = load_synthetic_set(path / SYNTHETIC_FILE)
+    info: dict[str, Any] = {"mode": "memory", "format": "synthetic-set"}
+    pool = pool_path = None
+    if s.pool is None:
+        info["no_pool"] = "the set names no pool"
+    else:
+        pool_path = Path(s.pool["artifact"])
+        found = Artifact(pool_path).manifest().artifact_id if (pool_path / "manifest.json").is_file() else None
+        if found is None or (s.pool.get("artifact_id") and found != s.pool["artifact_id"]):
+            info["no_pool"] = f"its pool {pool_path} is missing or is another artifact now"
+            pool_path = None
+        else:
+            pool = load_images(pool_path, s.pool.get("split", "train"), size=size, cache_dir=cache_dir)
+    labeller = Path(s.labeller["artifact"]) if s.labeller else None
+    return TrainSet(s.images, s.targets, len(s.classes), s.classes, pool=pool, lr=s.lr, info=info, space=s.space,
+                    pool_artifact=pool_path, pool_split=(s.pool or {}).get("split", "train"),
+                    soft_labels=s.soft_labels, labeller=labeller)
+
+
+def load_trainset(path: str | Path, split: str = "train", size: int | None = None, mode: str = "auto",
+                  cache_dir: str | Path | None = None) -> TrainSet:
+    """The training set in an artifact of any registered kind (decoded images cached under ``cache_dir``)."""
     path = Path(path)
     kind = Artifact(path).manifest().kind
-    return TRAINSETS.get(kind)(path, split, size, mode)
+    return TRAINSETS.get(kind)(path, split, size, mode, Path(cache_dir) if cache_dir is not None else None)
 
 
 class SubsetSpec(BaseModel):

@@ -8,6 +8,11 @@ from distill.buffer import EXPERT_FORMAT, ExpertBuffer, ExpertFormatError, exper
 from distill.trajectories import build_expert_buffer, expert_recipe, train_expert
 
 NET = {"width": 8, "depth": 2}
+KW = {"width": 8, "depth": 2, "norm": "instancenorm"}  # mtt-expert's network_kwargs with NET merged in
+
+
+def recipe(**kw):
+    return expert_recipe(network_kwargs=NET, **{"epochs": 3, "batch_size": 32, **kw})
 
 
 def data(n: int = 64, seed: int = 0):
@@ -17,7 +22,7 @@ def data(n: int = 64, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def expert():
-    return train_expert(*data(), num_classes=4, seed=5, network_kwargs=NET, epochs=3, batch_size=32)
+    return train_expert(*data(), num_classes=4, seed=5, recipe=recipe())
 
 
 def test_expert_protocol_recipe():
@@ -28,18 +33,18 @@ def test_expert_protocol_recipe():
 
 
 def test_train_expert_records_init_and_every_epoch(expert):
-    net = create_network("convnet", 4, image_size=16, **NET)
+    net = create_network("convnet", 4, image_size=16, **KW)
     assert expert.params.shape == (3 + 1, num_params(net)) and expert.params.dtype == torch.float32
-    assert expert.network_kwargs == {"in_channels": 3, "image_size": 16, **NET}
+    assert expert.network_kwargs == {"in_channels": 3, "image_size": 16, **KW}
     # snapshot 0 is the seeded initialisation, and every epoch moves the weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
-        init = flat_params(create_network("convnet", 4, in_channels=3, image_size=16, **NET))
+        init = flat_params(create_network("convnet", 4, in_channels=3, image_size=16, **KW))
     assert torch.equal(expert.params[0], init)
     steps = (expert.params[1:] - expert.params[:-1]).norm(dim=1)
     assert (steps > 0).all()
     assert torch.equal(flat_params(expert.network_at(3)), expert.params[3])
-    assert len(expert.meta["mean"]) == 3 and expert.meta["seed"] == 5
+    assert expert.meta["model_space"]["mean"] == [0.4914, 0.4822, 0.4465] and expert.meta["seed"] == 5
 
 
 def test_round_trip_and_buffer(tmp_path, expert):
@@ -50,12 +55,12 @@ def test_round_trip_and_buffer(tmp_path, expert):
     assert torch.equal(loaded.params, expert.params)
     assert (loaded.network, loaded.network_kwargs, loaded.num_classes, loaded.epochs, loaded.lr) == \
         (expert.network, expert.network_kwargs, expert.num_classes, expert.epochs, expert.lr)
-    assert loaded.meta["mean"] == expert.meta["mean"]
+    assert loaded.meta["model_space"] == expert.meta["model_space"]
     buf = ExpertBuffer(tmp_path)
     assert len(buf) == 2 and all(torch.equal(t, expert.params) for t in buf.trajectories())
 
 
-P = num_params(create_network("convnet", 4, image_size=16, **NET))
+P = num_params(create_network("convnet", 4, image_size=16, **KW))
 
 
 def _write_raw(path, **changes):
@@ -100,7 +105,7 @@ def test_truncated_or_missing_files_name_the_file(tmp_path, expert):
 def test_inconsistent_buffer_is_rejected(tmp_path, expert):
     save_expert(expert_path(tmp_path, 0), expert)
     _write_raw(expert_path(tmp_path, 1), network_kwargs={"image_size": 16, "in_channels": 3, "width": 8,
-                                                         "depth": 2, "norm": "batchnorm"})  # same P, other net
+                                                         "depth": 2, "norm": "batchnorm"}, params=torch.zeros(3, P))
     buf = ExpertBuffer(tmp_path)
     assert buf[0].epochs == 3
     with pytest.raises(ExpertFormatError, match="expert_0001.pt: expert .* does not match expert_0000.pt"):
@@ -108,7 +113,7 @@ def test_inconsistent_buffer_is_rejected(tmp_path, expert):
 
 
 def test_build_buffer_resumes_at_first_missing_or_broken_expert(tmp_path):
-    kw = dict(num_classes=4, network_kwargs=NET, epochs=1, batch_size=32)
+    kw = dict(num_classes=4, recipe=recipe(epochs=1))
     buf = build_expert_buffer(tmp_path, *data(32), num_experts=2, seed=0, **kw)
     assert len(buf) == 2 and not torch.equal(buf[0].params[0], buf[1].params[0])  # seeds 0 and 1
     first_mtime = expert_path(tmp_path, 0).stat().st_mtime_ns

@@ -138,3 +138,114 @@ def test_registry_and_validation(x):
         make_augmentation("crop_flip", {"padding": 4})
     with pytest.raises(RegistryError):
         make_augmentation("mixup")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every DSA op against a hand computation for fixed draws (numpy loops, no torch ops shared with the code)
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from stages.train.augment import (DSA_OPS, apply_brightness, apply_contrast, apply_crop, apply_cutout,  # noqa: E402
+                                  apply_flip, apply_rotate, apply_saturation, apply_scale, plan_dsa)
+
+IMG = torch.randn(2, 3, 5, 6, generator=gen(11), dtype=torch.float64)
+NP = IMG.numpy()
+
+
+def _bilinear_by_hand(img: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """affine_grid + grid_sample(align_corners=True, zeros) for one CHW image and a 2x2 matrix, pixel by pixel."""
+    c, h, w = img.shape
+    out = np.zeros_like(img)
+    for i in range(h):
+        for j in range(w):
+            xs, ys = a @ np.array([-1 + 2 * j / (w - 1), -1 + 2 * i / (h - 1)])
+            px, py = (xs + 1) * (w - 1) / 2, (ys + 1) * (h - 1) / 2
+            x0, y0 = math.floor(px), math.floor(py)
+            for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+                for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+                    if 0 <= yy < h and 0 <= xx < w:
+                        out[:, i, j] += wy * wx * img[:, yy, xx]
+    return out
+
+
+def test_color_ops_equal_hand_formulas():
+    shift, sat, con = np.array([0.3, -0.2]), np.array([1.7, 0.4]), np.array([0.6, 1.3])
+    np.testing.assert_allclose(apply_brightness(IMG, torch.tensor(shift)).numpy(), NP + shift[:, None, None, None])
+    ref = np.empty_like(NP)
+    for n in range(2):
+        for i in range(5):
+            for j in range(6):
+                m = NP[n, :, i, j].mean()
+                ref[n, :, i, j] = (NP[n, :, i, j] - m) * sat[n] + m
+    np.testing.assert_allclose(apply_saturation(IMG, torch.tensor(sat)).numpy(), ref, rtol=1e-12)
+    ref = np.stack([(NP[n] - NP[n].mean()) * con[n] + NP[n].mean() for n in range(2)])
+    np.testing.assert_allclose(apply_contrast(IMG, torch.tensor(con)).numpy(), ref, rtol=1e-12)
+
+
+def test_crop_cutout_flip_equal_hand_loops():
+    dy, dx = [1, -2], [-3, 0]
+    ref = np.zeros_like(NP)
+    for n in range(2):
+        for i in range(5):
+            for j in range(6):
+                if 0 <= i + dy[n] < 5 and 0 <= j + dx[n] < 6:
+                    ref[n, :, i, j] = NP[n, :, i + dy[n], j + dx[n]]
+    np.testing.assert_array_equal(apply_crop(IMG, torch.tensor(dy), torch.tensor(dx), 3).numpy(), ref)
+    top, left = [-1, 3], [4, 0]
+    ref = NP.copy()
+    for n in range(2):
+        for i in range(top[n], top[n] + 3):
+            for j in range(left[n], left[n] + 3):
+                if 0 <= i < 5 and 0 <= j < 6:
+                    ref[n, :, i, j] = 0
+    np.testing.assert_array_equal(apply_cutout(IMG, torch.tensor(top), torch.tensor(left), 3, 3).numpy(), ref)
+    out = apply_flip(IMG, torch.tensor([True, False])).numpy()
+    np.testing.assert_array_equal(out[0], NP[0, :, :, ::-1])
+    np.testing.assert_array_equal(out[1], NP[1])
+
+
+def test_scale_and_rotate_equal_hand_bilinear_sampling():
+    sx, sy, angle = np.array([1.15, 0.9]), np.array([0.85, 1.2]), np.array([0.2, -0.25])
+    scaled = apply_scale(IMG, torch.tensor(sx), torch.tensor(sy)).numpy()
+    rotated = apply_rotate(IMG, torch.tensor(angle)).numpy()
+    for n in range(2):
+        np.testing.assert_allclose(scaled[n], _bilinear_by_hand(NP[n], np.diag([sx[n], sy[n]])), atol=1e-10)
+        c, s = math.cos(angle[n]), math.sin(angle[n])
+        np.testing.assert_allclose(rotated[n], _bilinear_by_hand(NP[n], np.array([[c, -s], [s, c]])), atol=1e-10)
+
+
+def test_draws_follow_the_dsa_parameters():
+    p = DSAParams(mode="M")
+    plan = dict(plan_dsa(p, (4000, 3, 32, 32), gen(0)))
+    assert list(plan) == ["brightness", "saturation", "contrast", "crop", "cutout", "flip", "scale", "rotate"]
+    assert set(plan) == set(DSA_OPS)
+    within = lambda t, lo, hi: bool((t >= lo).all() and (t <= hi).all())  # noqa: E731
+    assert within(plan["brightness"]["shift"], -0.5, 0.5) and within(plan["saturation"]["factor"], 0, 2)
+    assert within(plan["contrast"]["factor"], 0.5, 1.5)
+    assert set(plan["crop"]["dy"].tolist()) == set(range(-4, 5)) and plan["crop"]["pad"] == 4  # 0.125 * 32
+    assert (plan["cutout"]["height"], plan["cutout"]["width"]) == (16, 16)
+    assert within(plan["cutout"]["top"], -8, 32 - 8) and 0.45 < plan["flip"]["flip"].float().mean() < 0.55
+    assert within(plan["scale"]["sx"], 1 / 1.2, 1.2) and within(plan["rotate"]["angle"], -math.pi / 12, math.pi / 12)
+
+
+def test_siamese_real_and_synthetic_batches_of_different_sizes():
+    """Real batch 256 vs synthetic batch 10, identically seeded: the same family every time; with ``shared`` the
+    same parameters too (the synthetic batch is transformed exactly as the first real images)."""
+    families = set()
+    for seed in range(40):
+        real = plan_dsa(DSAParams(), (256, 3, 32, 32), gen(seed))
+        syn = plan_dsa(DSAParams(), (10, 3, 32, 32), gen(seed))
+        assert [op for op, _ in real] == [op for op, _ in syn]
+        families.add(real[0][0])
+    assert len(families) >= 5  # the pick really varies with the seed
+    shared = DSAParams(shared=True)
+    x = torch.randn(256, 3, 32, 32, generator=gen(5))
+    for seed in range(12):
+        real, syn = plan_dsa(shared, tuple(x.shape), gen(seed)), plan_dsa(shared, (10, 3, 32, 32), gen(seed))
+        for (op, a), (_, b) in zip(real, syn):
+            for k, v in a.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v[:10], b[k]) and bool((v == v[0]).all()), (op, k)
+        torch.testing.assert_close(dsa(x, shared, gen(seed))[:10], dsa(x[:10], shared, gen(seed)), rtol=0, atol=0)
