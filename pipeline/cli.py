@@ -100,7 +100,7 @@ def _overrides(epochs: Optional[int], network: Optional[str], extra: Optional[Li
 def validate(
     artifacts: List[Path] = typer.Argument(..., help="artifacts to validate (shards, selections, distilled sets)"),
     recipe: str = typer.Option("standard-dd", help="training recipe: standard-dd, standard-resnet, fast or a YAML"),
-    seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the recipe's evaluation seeds)"),
     ipc: Optional[int] = typer.Option(None, help="train a random subset with this many images per class"),
     fraction: Optional[float] = typer.Option(None, help="train a random class-balanced fraction"),
     epochs: Optional[int] = typer.Option(None),
@@ -113,7 +113,7 @@ def validate(
 ) -> None:
     """Train the recipe on each artifact and report test accuracy (mean ± std over seeds), with the
     random-subset baseline of the same size. Runs the registered ``validate`` stage."""
-    params: dict[str, Any] = {"recipe": recipe, "seeds": [int(x) for x in seeds.split(",")],
+    params: dict[str, Any] = {"recipe": recipe, **({"seeds": [int(x) for x in seeds.split(",")]} if seeds else {}),
                               "overrides": _overrides(epochs, network, set_)}
     if ipc or fraction:
         params["subset"] = {"ipc": ipc} if ipc else {"fraction": fraction}
@@ -122,7 +122,7 @@ def validate(
         inputs = {"train": str(a)} | ({"test": str(test)} if test else {})
         steps.append({"name": f"validate-{i}-{a.resolve().name}", "stage": "validate", "inputs": inputs, "params": params})
     results = _run_steps("validate", out, steps, cluster, progress)
-    table = Table(title=f"{recipe} · test top-1 (%) mean ± std over seeds {seeds}")
+    table = Table(title=f"{recipe} · test top-1 (%) mean ± std over seeds {seeds or '(the recipe’s)'}")
     for col in ("artifact", "n train", "top-1", "random subset, same size", "artifact dir"):
         table.add_column(col)
     for a, r in zip(artifacts, results):

@@ -176,7 +176,7 @@ def test_missing_and_empty_sources_fail_before_work(tmp_path, client):
     (tmp_path / "empty" / "README.txt").write_text("no images here")
     with pytest.raises(SourceError, match="contains no images"):
         run_pipeline(shard_manifest(tmp_path / "b", {"kind": "folder", "path": str(tmp_path / "empty")}), client)
-    with pytest.raises(ManifestError, match=r"stages\[shard\]\.params\.source"):
+    with pytest.raises(ManifestError, match=r"pipeline.yaml: source: .*unknown source .nosuchkind."):
         run_pipeline(shard_manifest(tmp_path / "c", {"kind": "nosuchkind"}), client)
     assert not list((tmp_path / "a" / "run").glob("shard-*")), "nothing was started for a missing source"
 
