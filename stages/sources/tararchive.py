@@ -1,46 +1,58 @@
-"""A tar archive of an image-folder tree, read in place by member offset (never extracted to disk)."""
+"""A tar archive of an image-folder tree, read in place by member offset (never extracted to disk); the layout
+rules (splits, classes, a wrapping folder) are those of the folder source (``stages.sources.tree``)."""
 from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
-from stages.sources.base import (
-    IMAGE_EXTS, SOURCES, Mapper, OffsetReader, Reader, SampleRef, Source, SourceError, SourceParams,
-    ext_of, stat_fingerprint, tree_refs,
-)
+import pyarrow as pa
+
+from stages.sources.base import SOURCES, Mapper, Scan, Source, SourceError
+from stages.sources.columns import ColumnBuffer, clean_relpath, iter_rows
+from stages.sources.fingerprints import archive_fingerprint
+from stages.sources.tree import TreeParams, tree_scan
+
+MEMBERS = pa.schema([("name", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 
 
-class TarParams(SourceParams):
+class TarParams(TreeParams):
     kind: Literal["tar"] = "tar"
-    path: Path
-    splits: Literal["auto", "dirs", "none"] = "auto"
-    extensions: tuple[str, ...] = IMAGE_EXTS
 
 
-def list_members(path: str) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file member, in archive order.
+def list_members(path: str) -> pa.Table:
+    """(name, data offset, size) of every regular file member, in archive order, as columns.
 
     Plain USTAR/GNU headers are parsed directly (~10x faster than ``tarfile`` on 60k members); an archive
     with pax or GNU long-name records goes through ``tarfile``.
     """
+    buf = ColumnBuffer(MEMBERS)
     try:
-        return _scan_headers(path)
+        buf.extend(_scan_headers(path))
+        return buf.table()
     except _NeedsTarfile:
         pass
+    buf = ColumnBuffer(MEMBERS)
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+        buf.extend(_tarfile_members(path))
     except tarfile.ReadError as e:
         raise SourceError(f"{path}: not an uncompressed tar archive ({e}); decompress it first") from None
+    return buf.table()
+
+
+def _tarfile_members(path: str) -> Iterator[tuple[str, int, int]]:
+    with tarfile.open(path, mode="r:") as tf:
+        while (m := tf.next()) is not None:
+            if m.isfile():
+                yield m.name, m.offset_data, m.size
+            tf.members.clear()  # tarfile keeps every member it has seen: not for a million-member archive
 
 
 class _NeedsTarfile(Exception):
     pass
 
 
-def _scan_headers(path: str) -> list[tuple[str, int, int]]:
-    out = []
+def _scan_headers(path: str) -> Iterator[tuple[str, int, int]]:
     with open(path, "rb") as f:
         offset = 0
         while True:
@@ -62,11 +74,10 @@ def _scan_headers(path: str) -> list[tuple[str, int, int]]:
                 prefix = h[345:500].split(b"\0")[0]
                 if prefix:
                     name = prefix + b"/" + name
-                out.append((name.decode("utf-8"), offset + 512, size))
+                yield name.decode("utf-8", "surrogateescape"), offset + 512, size
             elif kind not in (b"5", b"1", b"2", b"3", b"4", b"6"):
                 raise _NeedsTarfile  # pax / GNU long names
             offset += 512 + size + (-size % 512)
-    return out
 
 
 @SOURCES.register("tar")
@@ -80,23 +91,17 @@ class TarSource(Source):
         if not p.is_file():
             raise SourceError(f"{p}: source tar archive does not exist")
 
-    def fingerprint(self) -> str:
-        return stat_fingerprint([self.params.path])
+    def root(self) -> Path:
+        return self.params.path.parent
 
-    def scan(self, map: Mapper) -> list[SampleRef]:
-        path = str(self.params.path)
-        exts = set(self.params.extensions)
-        members = [(n.lstrip("./"), o, s) for n, o, s in list_members(path)]
-        members = [m for m in members if ext_of(m[0]) in exts and not m[0].rsplit("/", 1)[-1].startswith(".")]
-        if not members:
-            raise SourceError(f"{path}: tar archive contains no images ({', '.join(sorted(exts))})")
-        members.sort(key=lambda m: m[0])
-        rels = [m[0].split("/") for m in members]
-        # a single wrapping folder (``cifar10/train/...``) is not a class or split
-        if len({r[0] for r in rels}) == 1 and all(len(r) > 2 for r in rels) and rels[0][0] not in {"train", "test"}:
-            rels = [r[1:] for r in rels]
-        items = [(name, rel, (path, offset, size), size) for (name, offset, size), rel in zip(members, rels)]
-        return tree_refs(items, self.params.splits)
+    def content_fingerprint(self) -> str:
+        m = list_members(str(self.params.path))
+        return archive_fingerprint(self.params.path, iter_rows(m, ["name", "size"]))
 
-    def open_reader(self) -> Reader:
-        return OffsetReader()
+    def scan(self, map: Mapper) -> Scan:
+        path = self.params.path
+        m = list_members(str(path))
+        rel = clean_relpath(m["name"].combine_chunks())
+        files = pa.repeat(pa.scalar(path.name), len(rel))
+        return tree_scan(rel, files, m["offset"].combine_chunks(), m["size"].combine_chunks(), self.params,
+                         f"{path}: tar archive")

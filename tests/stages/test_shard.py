@@ -106,7 +106,7 @@ def test_table_source_csv_and_parquet_with_missing_path(tmp_path, client):
         assert out["manifest"]["counts"] == {**out["manifest"]["counts"], "in": 9, "out": 7, "rejected": 2}
         reasons = sorted(r["reason"] for r in out["rejects"])
         assert reasons[0].startswith("missing file") and reasons[1].startswith("unreadable"), reasons
-        by_src = {r["source"].split(":", 1)[1]: r for r in out["index"]}
+        by_src = {r["source"]: r for r in out["index"]}
         assert by_src["imgs/3.jpg"]["caption"] == "a photo number 3"
         assert by_src["imgs/3.jpg"]["label_name"] == "y"
         assert json.loads(by_src["imgs/3.jpg"]["extra"]) == {"aesthetic": 3.5}
