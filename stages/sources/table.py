@@ -1,8 +1,8 @@
 """A parquet or CSV/TSV table with a path column (+ optional uid, caption, label, split and extra columns).
 
 Identity: a ``uid`` column is kept as it is. Otherwise a row's uid derives from its path relative to the root
-(the table's folder, or ``root``), so a table of a folder's files gets the folder source's uids, whatever the
-row order. A path listed on several rows (several captions per image) gives one sample per row: each such row's
+(the table's folder, or ``root``; a single wrapping folder stripped, as for folders and tars), so a table of a
+folder's files gets the folder source's uids, whatever the row order. A path listed on several rows (several captions per image) gives one sample per row: each such row's
 uid derives from the path and the row's content (caption, label, split, extra columns), so it still does not
 depend on row order; identical rows are numbered. Rows are explicit: hidden files are not skipped.
 """
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from stages.sources.base import REF_SCHEMA, SOURCES, Mapper, Scan, Source, SourceError, SourceParams
 from stages.sources.columns import CHUNK, clean_relpath, ext_array, iter_rows, make_uid, uid_array
 from stages.sources.fingerprints import files_fingerprint, head_tail
-from stages.sources.tree import split_columns
+from stages.sources.tree import split_columns, strip_wrapper
 
 
 class TableParams(SourceParams):
@@ -110,6 +110,7 @@ class TableSource(Source):
         present = {name: c for name, c in (("uid", p.uid_column), ("caption", p.caption_column),
                                            ("label", p.label_column), ("split", p.split_column)) if c in cols}
         files = self.files(table)
+        ident = strip_wrapper(files)
         n = len(files)
         default_split = p.split
         if "split" in present:
@@ -117,7 +118,7 @@ class TableSource(Source):
         elif default_split is not None:
             split = pa.repeat(pa.scalar(default_split), n)
         else:
-            split = split_columns(files, "auto")[0]
+            split = split_columns(ident, "auto")[0]
         used = {p.path_column, *present.values()}
         extra_cols = p.extra_columns if p.extra_columns is not None else [c for c in cols if c not in used]
         missing = [c for c in extra_cols if c not in cols]
@@ -132,7 +133,7 @@ class TableSource(Source):
             "file": files, "offset": pa.repeat(pa.scalar(-1, pa.int64()), n),
             "size": self._sizes(files, map),
         }, schema=REF_SCHEMA)
-        uids = _given_uids(table[present["uid"]], p.path) if "uid" in present else derived_uids(refs)
+        uids = _given_uids(table[present["uid"]], p.path) if "uid" in present else derived_uids(refs, ident)
         return Scan(refs.set_column(0, "uid", uids))
 
     def _sizes(self, files: pa.Array, map: Mapper) -> pa.Array:
@@ -177,22 +178,21 @@ def _given_uids(col: pa.ChunkedArray, where: Path) -> pa.Array:
     return uids
 
 
-def derived_uids(refs: pa.Table) -> pa.Array:
-    """uid from the path relative to the root; rows sharing a path are told apart by their content."""
-    files = refs["file"].combine_chunks()
-    counts = pa.table({"f": files}).group_by("f").aggregate([("f", "count")])
+def derived_uids(refs: pa.Table, ident: pa.Array) -> pa.Array:
+    """uid from each row's identity (its path); rows sharing a path are told apart by their content."""
+    counts = pa.table({"f": ident}).group_by("f").aggregate([("f", "count")])
     shared = counts.filter(pc.field("f_count") > 1)["f"]
-    base = uid_array(files).combine_chunks()
+    base = uid_array(ident).combine_chunks()
     if len(shared) == 0:
         return base
-    rows = pc.indices_nonzero(pc.is_in(files, value_set=shared)).to_numpy()  # ascending
-    content = refs.take(rows).select(["file", "caption", "label", "split", "extra"]).to_pylist()
+    rows = pc.indices_nonzero(pc.is_in(ident, value_set=shared)).to_numpy()  # ascending
+    content = refs.select(["caption", "label", "split", "extra"]).take(rows).to_pylist()
     seen: dict[str, int] = {}
     new = []
-    for r in content:
-        ident = f"{r['file']}#{make_uid(json.dumps([r['caption'], r['label'], r['split'], r['extra']]))}"
-        seen[ident] = seen.get(ident, -1) + 1
-        new.append(make_uid(f"{ident}#{seen[ident]}" if seen[ident] else ident))
-    mask = np.zeros(len(files), dtype=bool)
+    for path, r in zip(ident.take(pa.array(rows)).to_pylist(), content):
+        key = f"{path}#{make_uid(json.dumps([r['caption'], r['label'], r['split'], r['extra']]))}"
+        seen[key] = seen.get(key, -1) + 1
+        new.append(make_uid(f"{key}#{seen[key]}" if seen[key] else key))
+    mask = np.zeros(len(ident), dtype=bool)
     mask[rows] = True
     return pc.replace_with_mask(base, pa.array(mask), pa.array(new, pa.string()))

@@ -1,4 +1,5 @@
-"""The rules of an image-folder tree, shared by the ``folder`` and ``tar`` sources so they agree exactly.
+"""The rules of an image-folder tree, shared by the ``folder`` and ``tar`` sources so they agree exactly (a table
+source applies the same wrapping-folder and split-folder rules to its paths).
 
 * Hidden files and folders (any path component starting with a dot) are skipped.
 * A single wrapping folder (``mydata/train/cat/x.jpg``) is not a class or a split: it is stripped, and the
