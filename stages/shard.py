@@ -134,12 +134,14 @@ class ShardStage(Stage[ShardParams]):
         source.check()
         where = str(params.source.get("path", params.source["kind"]))
         scan = source.scan(ctx.map)
-        if scan.refs.num_rows == 0:
+        refs, declared = scan.refs, scan.classes
+        del scan  # one copy of the refs at a time
+        if refs.num_rows == 0:
             raise SourceError(f"{where}: source contains no samples")
-        check_unique_uids(scan.refs, where)
-        classes = build_classes(scan.refs["label"], scan.classes)
+        check_unique_uids(refs, where)
+        classes = build_classes(refs["label"], declared)
         write_json(ctx.out_dir / "classes.json", classes)
-        refs = ordered(scan.refs, params.shuffle, params.seed)
+        refs = ordered(refs, params.shuffle, params.seed)
         refs = refs.append_column("label_id", label_ids(refs["label"], classes))
         refs = self._duplicates(refs, params, ctx)
         refs = refs.append_column("stats", self._stats_rows(refs, params))

@@ -9,6 +9,8 @@ depend on row order; identical rows are numbered. Rows are explicit: hidden file
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,12 +56,12 @@ def read_table(path: Path) -> pa.Table:
 def stat_sizes(args: tuple[str, list[str]]) -> list[int]:
     """Sizes of files relative to a root (-1 when missing or not a file); runs on a worker."""
     root, files = args
-    base = Path(root)
+    prefix = root.rstrip("/") + "/"
     out = []
     for f in files:
         try:
-            p = base / f
-            out.append(p.stat().st_size if p.is_file() else -1)
+            st = os.stat(f if f.startswith("/") else prefix + f)
+            out.append(st.st_size if stat.S_ISREG(st.st_mode) else -1)
         except (OSError, ValueError):
             out.append(-1)
     return out
