@@ -217,7 +217,7 @@ class ShardStage(Stage[ShardParams]):
                 "failed": len(rejects), "reasons": dict(sorted(reasons.items())),
                 "bytes": sum(r["bytes"] for r in rows), "labelled": sum(r["label"] is not None for r in rows),
                 "captioned": sum(r["caption"] is not None for r in rows),
-                "stats": stats.__dict__ if stats.images or stats.skipped else None}
+                "stats": stats.result() if stats.images or stats.skipped else None}
         with open(ctx.output(f"{stem}_stats.json"), "w") as f:  # the done-marker: committed last
             json.dump(info, f, indent=2, sort_keys=True)
         return info

@@ -23,12 +23,15 @@ def jpeg_header(data: bytes) -> tuple[int, int, str] | None:
 
 
 def jpeg_orientation(data: bytes) -> int | None:
-    """The EXIF orientation tag (1..8) of a JPEG, from its APP1 segment; None when there is none."""
+    """The EXIF orientation tag (1..8) of a JPEG, from its APP1 segment; None when there is none.
+
+    Only the application segments at the start of the file are walked (EXIF lives there), not the whole header.
+    """
     pos = 2
     n = len(data)
     while pos + 4 <= n and data[pos] == 0xFF:
         marker = data[pos + 1]
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no metadata after this
+        if not 0xE0 <= marker <= 0xEF:  # tables, frame or scan: the metadata segments are behind us
             return None
         length = struct.unpack_from(">H", data, pos + 2)[0]
         if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.sharding.samples import ChannelStats, Sample
+from stages.sharding.samples import Sample
 
 SHARD_SCHEMA = pa.schema([
     ("key", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
@@ -40,8 +40,7 @@ def reject_row(s: Sample, split: str, shard: int) -> dict[str, Any]:
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
-    return pa.table(cols, schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def concat_parquet(paths: Iterable[Path], out: Path, schema: pa.Schema,
@@ -67,20 +66,14 @@ def stats_split(splits: list[str]) -> str:
 
 def image_stats(parts: list[dict[str, Any]], split: str, seed: int) -> dict[str, Any]:
     """Per-channel mean/std (values /255, over pixels) from the tasks' exact sums."""
-    total = ChannelStats()
-    for info in parts:
-        s = info.get("stats")
-        if info["split"] != split or not s:
-            continue
-        total.images += s["images"]
-        total.pixels += s["pixels"]
-        total.sum = tuple(a + b for a, b in zip(total.sum, s["sum"]))  # type: ignore[assignment]
-        total.sumsq = tuple(a + b for a, b in zip(total.sumsq, s["sumsq"]))  # type: ignore[assignment]
-    n = max(total.pixels, 1)
-    mean = [x / (255 * n) for x in total.sum]
-    std = [math.sqrt(max(q / (255 * 255 * n) - m * m, 0.0)) for q, m in zip(total.sumsq, mean)]
+    mine = [info["stats"] for info in parts if info["split"] == split and info.get("stats")]
+    images = sum(s["images"] for s in mine)
+    n = max(sum(s["pixels"] for s in mine), 1)
+    mean = [sum(s["sum"][c] for s in mine) / (255 * n) for c in range(3)]
+    meansq = [sum(s["sumsq"][c] for s in mine) / (255 * 255 * n) for c in range(3)]
+    std = [math.sqrt(max(q - m * m, 0.0)) for q, m in zip(meansq, mean)]
     return {"split": split, "mean": [round(x, 6) for x in mean], "std": [round(x, 6) for x in std],
-            "images": total.images, "seed": seed}
+            "images": images, "seed": seed}
 
 
 def brace(numbers: list[int]) -> str:

@@ -124,25 +124,44 @@ def meta_json(row: dict[str, Any]) -> str:
     meta = {k: v for k, v in row.items() if v is not None and k not in META_SKIP}
     if row.get("extra"):
         meta["extra"] = json.loads(row["extra"])
-    return json.dumps(meta, sort_keys=True)
+    return json.dumps(meta)  # insertion order is fixed by the code: deterministic without sorting
 
 
-@dataclass
 class ChannelStats:
-    """Exact integer sums for per-channel mean/std over pixels (values /255): combine by adding."""
+    """Per-channel histograms of 8-bit values (exact): means and variances over pixels follow from them.
 
-    images: int = 0
-    skipped: int = 0  # picked but not decodable by the shared decode (should stay 0)
-    pixels: int = 0
-    sum: tuple[int, int, int] = (0, 0, 0)
-    sumsq: tuple[int, int, int] = (0, 0, 0)
+    Images are binned in batches (one ``bincount`` per ~1M pixels), not one numpy call per image.
+    """
+
+    BATCH_PIXELS = 1 << 20
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.skipped = 0  # picked but not decodable by the shared decode (should stay 0)
+        self.hist = np.zeros(3 * 256, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_pixels = 0
 
     def add(self, rgb: np.ndarray) -> None:
-        flat = rgb.reshape(-1, 3).astype(np.uint64)
         self.images += 1
-        self.pixels += flat.shape[0]
-        self.sum = tuple(int(a + b) for a, b in zip(self.sum, flat.sum(axis=0)))  # type: ignore[assignment]
-        self.sumsq = tuple(int(a + b) for a, b in zip(self.sumsq, (flat * flat).sum(axis=0)))  # type: ignore[assignment]
+        self._pending.append(rgb.reshape(-1, 3))
+        self._pending_pixels += self._pending[-1].shape[0]
+        if self._pending_pixels >= self.BATCH_PIXELS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            flat = np.concatenate(self._pending).astype(np.int64) + np.array([0, 256, 512])
+            self.hist += np.bincount(flat.ravel(), minlength=3 * 256)
+            self._pending, self._pending_pixels = [], 0
+
+    def result(self) -> dict[str, Any]:
+        """Exact integer sums: ``{"images", "skipped", "pixels", "sum": [r, g, b], "sumsq": [r, g, b]}``."""
+        self._flush()
+        h = self.hist.reshape(3, 256)
+        v = np.arange(256, dtype=np.int64)
+        return {"images": self.images, "skipped": self.skipped, "pixels": int(h[0].sum()),
+                "sum": [int(x) for x in h @ v], "sumsq": [int(x) for x in h @ (v * v)]}
 
 
 def measure(samples: Iterable[Sample], stats: ChannelStats) -> Iterator[Sample]:

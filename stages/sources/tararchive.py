@@ -2,10 +2,14 @@
 rules (splits, classes, a wrapping folder) are those of the folder source (``stages.sources.tree``)."""
 from __future__ import annotations
 
+import mmap
+import os
 import tarfile
+from array import array
 from pathlib import Path
 from typing import Iterator, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from stages.sources.base import SOURCES, Mapper, Scan, Source, SourceError
@@ -13,6 +17,7 @@ from stages.sources.columns import ColumnBuffer, clean_relpath, iter_rows
 from stages.sources.fingerprints import archive_fingerprint
 from stages.sources.tree import TreeParams, tree_scan
 
+ZERO_BLOCK = bytes(512)
 MEMBERS = pa.schema([("name", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 
 
@@ -23,13 +28,12 @@ class TarParams(TreeParams):
 def list_members(path: str) -> pa.Table:
     """(name, data offset, size) of every regular file member, in archive order, as columns.
 
-    Plain USTAR/GNU headers are parsed directly (~10x faster than ``tarfile`` on 60k members); an archive
-    with pax or GNU long-name records goes through ``tarfile``.
+    Plain USTAR/GNU headers are parsed directly from a memory map, their checksums verified in one numpy pass
+    (~10x faster than ``tarfile`` on 60k members); an archive with pax or GNU long-name records, or a bad
+    checksum, goes through ``tarfile``.
     """
-    buf = ColumnBuffer(MEMBERS)
     try:
-        buf.extend(_scan_headers(path))
-        return buf.table()
+        return _scan_headers(path)
     except _NeedsTarfile:
         pass
     buf = ColumnBuffer(MEMBERS)
@@ -52,32 +56,107 @@ class _NeedsTarfile(Exception):
     pass
 
 
-def _scan_headers(path: str) -> Iterator[tuple[str, int, int]]:
+FILE_KINDS = b"0\x007"  # regular files (``\0``: old tars, ``7``: contiguous files)
+OTHER_KINDS = b"123456"  # links, devices, directories, fifos: nothing to list
+
+
+META_KINDS = b"xgLK"  # pax (per member, global) and GNU long-name records: they describe the next header
+
+
+def _scan_headers(path: str) -> pa.Table:
+    """Walk the header chain in Python (only the size field, and pax/GNU long-name records, decide where the
+    next header is and what it is called), then read kinds, checksums and names of all headers with numpy."""
     with open(path, "rb") as f:
-        offset = 0
-        while True:
-            f.seek(offset)
-            h = f.read(512)
-            if len(h) < 512 or h == bytes(512):
-                break
-            if h[257:262] != b"ustar":
-                raise _NeedsTarfile
-            if sum(h[:148]) + 256 + sum(h[156:]) != int(h[148:156].split(b"\0")[0].strip() or b"0", 8):
-                raise _NeedsTarfile  # bad checksum: let tarfile produce the error
-            kind = h[156:157]
-            size_field = h[124:136]
-            if size_field[0] & 0x80:
-                raise _NeedsTarfile  # base-256 size (huge member)
-            size = int(size_field.split(b"\0")[0].strip() or b"0", 8)
-            if kind in (b"0", b"\0", b"7"):
-                name = h[0:100].split(b"\0")[0]
-                prefix = h[345:500].split(b"\0")[0]
-                if prefix:
-                    name = prefix + b"/" + name
-                yield name.decode("utf-8", "surrogateescape"), offset + 512, size
-            elif kind not in (b"5", b"1", b"2", b"3", b"4", b"6"):
-                raise _NeedsTarfile  # pax / GNU long names
-            offset += 512 + size + (-size % 512)
+        if os.fstat(f.fileno()).st_size == 0:
+            return MEMBERS.empty_table()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            offsets = array("q")
+            names: dict[int, bytes] = {}  # header number -> name from a pax "path" or GNU long-name record
+            sizes: dict[int, int] = {}  # header number -> size from a pax "size" record
+            pending: dict[str, bytes] = {}
+            end, offset = len(mm), 0
+            while offset + 512 <= end:
+                if mm[offset + 257:offset + 262] != b"ustar":
+                    if mm[offset:offset + 512] == ZERO_BLOCK:
+                        break
+                    raise _NeedsTarfile
+                try:
+                    size = int(mm[offset + 124:offset + 135], 8)
+                except ValueError:
+                    raise _NeedsTarfile from None  # base-256 or oddly padded size
+                kind = mm[offset + 156:offset + 157]
+                if kind in (b"x", b"L"):
+                    body = mm[offset + 512:offset + 512 + size]
+                    pending.update(pax_records(body) if kind == b"x" else {"path": body.rstrip(b"\0")})
+                elif kind not in (b"g", b"K"):
+                    if "size" in pending:
+                        size = sizes[len(offsets)] = int(pending["size"])
+                    if "path" in pending:
+                        names[len(offsets)] = pending["path"]
+                    pending = {}
+                    offsets.append(offset)
+                offset += 512 + ((size + 511) & ~511)
+            view = np.frombuffer(mm, dtype=np.uint8)
+            try:
+                members: pa.Table | None = _members(view, np.frombuffer(offsets, dtype=np.int64), names, sizes)
+            except _NeedsTarfile:
+                members = None  # leaving this block drops the traceback and its views, so the map can close
+            del view
+    if members is None:
+        raise _NeedsTarfile
+    return members
+
+
+def pax_records(body: bytes) -> dict[str, bytes]:
+    """``"<len> key=value\\n"`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(body) and body[pos:pos + 1] != b"\0":
+        space = body.index(b" ", pos)
+        length = int(body[pos:space])
+        key, _, value = body[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value
+        pos += length
+    return out
+
+
+def _members(data: np.ndarray, headers: np.ndarray, long_names: dict[int, bytes], long_sizes: dict[int, int],
+             chunk: int = 8192) -> pa.Table:
+    batches = []
+    for i in range(0, len(headers), chunk):
+        at = headers[i:i + chunk]
+        rows = data[at[:, None] + np.arange(512)]
+        kinds = rows[:, 156]
+        if not np.isin(kinds, np.frombuffer(FILE_KINDS + OTHER_KINDS, dtype=np.uint8)).all():
+            raise _NeedsTarfile  # a header kind this reader does not know
+        wide = rows.astype(np.int64)
+        got = wide.sum(axis=1) - wide[:, 148:156].sum(axis=1) + 8 * 32  # the checksum field counts as spaces
+        if not np.array_equal(got, octal(rows[:, 148:156])):
+            raise _NeedsTarfile  # a damaged (or space-padded) header: let tarfile read it
+        files = np.flatnonzero(np.isin(kinds, np.frombuffer(FILE_KINDS, dtype=np.uint8)))
+        raw = rows[files, :100].tobytes()
+        names = [raw[k:k + 100].split(b"\0", 1)[0] for k in range(0, len(raw), 100)]
+        for j in np.flatnonzero(rows[files, 345]).tolist():  # a USTAR name prefix (long paths)
+            names[j] = bytes(rows[files[j], 345:500]).split(b"\0", 1)[0] + b"/" + names[j]
+        sizes = octal(rows[files, 124:135])
+        for j, k in enumerate((files + i).tolist()):
+            if k in long_names:
+                names[j] = long_names[k]
+            if k in long_sizes:
+                sizes[j] = long_sizes[k]
+        batches.append(pa.record_batch([
+            pa.array([n.decode("utf-8", "surrogateescape") for n in names], pa.string()),
+            pa.array(at[files] + 512), pa.array(sizes),
+        ], schema=MEMBERS))
+    return pa.Table.from_batches(batches, schema=MEMBERS)
+
+
+def octal(fields: np.ndarray) -> np.ndarray:
+    """The leading octal digits of each row of fixed-width ASCII fields, as integers."""
+    digits = fields.astype(np.int64) - ord("0")
+    run = np.cumprod((digits >= 0) & (digits <= 7), axis=1).astype(bool)
+    n = run.sum(axis=1, keepdims=True)
+    power = np.where(run, n - 1 - np.arange(fields.shape[1]), 0)
+    return (np.where(run, digits, 0) * (8 ** power)).sum(axis=1)
 
 
 @SOURCES.register("tar")

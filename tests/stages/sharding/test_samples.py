@@ -77,4 +77,4 @@ def test_measure_counts_only_picked_written_samples():
         s.image, s.row = process(s.data), {}
     stats = ChannelStats()
     assert len(list(measure([s1, s2, s3], stats))) == 3
-    assert (stats.images, stats.pixels, stats.sum, stats.sumsq) == (1, 4, (255, 0, 0), (255 * 255, 0, 0))
+    assert stats.result() == {"images": 1, "skipped": 0, "pixels": 4, "sum": [255, 0, 0], "sumsq": [255 * 255, 0, 0]}

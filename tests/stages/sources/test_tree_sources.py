@@ -118,3 +118,25 @@ def test_webdataset_skips_hidden_members(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     got = rows({"kind": "webdataset", "path": str(tmp_path / "s.tar")})
     assert set(got) == {"s.tar/k1", "s.tar/k3"} and got["s.tar/k1"]["label"] == "3"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT],
+                         ids=["gnu", "pax", "ustar"])
+def test_fast_tar_listing_agrees_with_tarfile(tmp_path, fmt):
+    """Long names (GNU records, pax paths, USTAR prefixes), non-ASCII names, pax mtimes: the numpy header reader
+    lists exactly what ``tarfile`` lists, without falling back to it."""
+    import io
+
+    from stages.sources.tararchive import _scan_headers, _tarfile_members
+
+    names = ["a/" + "x" * 90 + ".jpg", "short.jpg", "d/" * 70 + "deep.jpg"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["ü/ñ.png", "b/" + "y" * 150 + ".jpg"]
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 100 + i, 1.5
+            tf.addfile(info, io.BytesIO(bytes(range(100 + i))))
+    fast = _scan_headers(str(tmp_path / "t.tar"))
+    assert list(zip(*(fast[c].to_pylist() for c in ("name", "offset", "size")))) == list(_tarfile_members(str(tmp_path / "t.tar")))
+    assert sorted(fast["name"].to_pylist()) == sorted(names)
