@@ -202,7 +202,8 @@ class ShardStage(Stage[ShardParams]):
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
         source = create_source(params.source)
-        with open(ctx.output(f"{stem}.tar"), "wb") as fobj, TarShardWriter(fobj) as tar, source.open_reader() as reader:
+        with open(ctx.output(f"{stem}.tar"), "wb", buffering=1 << 20) as fobj, TarShardWriter(fobj) as tar, \
+                source.open_reader() as reader:
             write = ShardWriter(tar, shard, split, key_digits(params.samples_per_shard))
             samples = (Sample(r) for b in refs.to_batches(max_chunksize=1024) for r in b.to_pylist())
             for s in measure(write(verify(read(skip_duplicates(samples), reader), opts)), stats):

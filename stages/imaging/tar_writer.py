@@ -52,10 +52,6 @@ class TarShardWriter:
         self._f = fileobj
         self._written = 0
 
-    def add(self, name: str, data: bytes) -> int:
-        """Append a member; returns the offset of its data in the tar (for random access later)."""
-        return self.write_sample(name.rsplit(".", 1)[0], {name.rsplit(".", 1)[1]: data})
-
     def write_sample(self, key: str, members: dict[str, bytes]) -> int:
         """Write a sample's members in order, in one write; returns the data offset of the first (the image)."""
         parts = []

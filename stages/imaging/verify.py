@@ -47,7 +47,7 @@ class ImageOptions:
     verify: Literal["full", "header"] = "full"  # header: trust a readable header, decode only to convert
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built once per sample: a frozen dataclass costs ~1 µs more to construct
 class Decoded:
     data: bytes
     ext: str

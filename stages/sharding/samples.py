@@ -20,7 +20,7 @@ from stages.imaging.verify import Decoded, ImageError, ImageOptions, process
 from stages.sources.base import Reader
 
 
-@dataclass
+@dataclass(slots=True)
 class Sample:
     ref: dict[str, Any]  # one row of the plan's refs chunk
     data: bytes | None = None  # the source bytes
@@ -116,15 +116,25 @@ class ShardWriter:
         s.row = row
 
 
-META_SKIP = ("shard", "extra", "offset")
+_q = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # the C string escaper json.dumps uses
 
 
 def meta_json(row: dict[str, Any]) -> str:
-    """The ``{key}.json`` member: the index row (non-null fields), extra metadata as an object."""
-    meta = {k: v for k, v in row.items() if v is not None and k not in META_SKIP}
-    if row.get("extra"):
-        meta["extra"] = json.loads(row["extra"])
-    return json.dumps(meta)  # insertion order is fixed by the code: deterministic without sorting
+    """The ``{key}.json`` member: the sample's identity, label and size (the rest is in the index) and its extra
+    metadata; what re-sharding reads back. Exactly ``json.dumps`` of those fields, built from a template (a
+    third of the cost, per sample)."""
+    parts = [f'"key": "{row["key"]}", "uid": {_q(row["uid"])}, "source": {_q(row["source"])}, '
+             f'"split": {_q(row["split"])}']
+    if row["label"] is not None:
+        parts.append(f'"label": {int(row["label"])}, "label_name": {_q(row["label_name"])}')
+    if row["caption"] is not None:
+        parts.append(f'"caption": {_q(row["caption"])}')
+    parts.append(f'"width": {int(row["width"])}, "height": {int(row["height"])}, "sha256": "{row["sha256"]}"')
+    if row["normalised"] is not None:
+        parts.append(f'"normalised": {_q(row["normalised"])}')
+    if row["extra"]:
+        parts.append(f'"extra": {row["extra"]}')  # already a JSON object (sources write it with json.dumps)
+    return "{" + ", ".join(parts) + "}"
 
 
 class ChannelStats:
@@ -151,8 +161,9 @@ class ChannelStats:
 
     def _flush(self) -> None:
         if self._pending:
-            flat = np.concatenate(self._pending).astype(np.int64) + np.array([0, 256, 512])
-            self.hist += np.bincount(flat.ravel(), minlength=3 * 256)
+            flat = np.concatenate(self._pending)
+            for c in range(3):
+                self.hist[256 * c:256 * (c + 1)] += np.bincount(flat[:, c], minlength=256)
             self._pending, self._pending_pixels = [], 0
 
     def result(self) -> dict[str, Any]:

@@ -74,19 +74,18 @@ class FileReader(Reader):
     """Whole files (``offset < 0``) or ``size`` bytes at ``offset`` of an archive, relative to ``root``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = str(root).rstrip("/") + "/"
         self._archives: dict[str, Any] = {}
 
     def read(self, file: str, offset: int, size: int) -> bytes:
         if not file:
             raise FileNotFoundError("no file")
-        path = self.root / file
         if offset < 0:
-            with open(path, "rb") as f:
+            with open(file if file.startswith("/") else self.root + file, "rb") as f:
                 return f.read()
         f = self._archives.get(file)
         if f is None:
-            f = self._archives[file] = open(path, "rb")
+            f = self._archives[file] = open(file if file.startswith("/") else self.root + file, "rb")
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:

@@ -63,28 +63,31 @@ OTHER_KINDS = b"123456"  # links, devices, directories, fifos: nothing to list
 META_KINDS = b"xgLK"  # pax (per member, global) and GNU long-name records: they describe the next header
 
 
-def _scan_headers(path: str) -> pa.Table:
+def _scan_headers(path: str, chunk: int = 8192) -> pa.Table:
     """Walk the header chain in Python (only the size field, and pax/GNU long-name records, decide where the
-    next header is and what it is called), then read kinds, checksums and names of all headers with numpy."""
+    next header is and what it is called), copying headers out; kinds, checksums and names are then read
+    ``chunk`` headers at a time with numpy."""
+    batches: list[pa.RecordBatch] = []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return MEMBERS.empty_table()
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offsets = array("q")
-            names: dict[int, bytes] = {}  # header number -> name from a pax "path" or GNU long-name record
-            sizes: dict[int, int] = {}  # header number -> size from a pax "size" record
+            headers, offsets = bytearray(), array("q")
+            names: dict[int, bytes] = {}  # header number in the chunk -> name from a pax/GNU long-name record
+            sizes: dict[int, int] = {}  # header number in the chunk -> size from a pax "size" record
             pending: dict[str, bytes] = {}
             end, offset = len(mm), 0
             while offset + 512 <= end:
-                if mm[offset + 257:offset + 262] != b"ustar":
-                    if mm[offset:offset + 512] == ZERO_BLOCK:
+                h = mm[offset:offset + 512]
+                if h[257:262] != b"ustar":
+                    if h == ZERO_BLOCK:
                         break
                     raise _NeedsTarfile
                 try:
-                    size = int(mm[offset + 124:offset + 135], 8)
+                    size = int(h[124:135], 8)
                 except ValueError:
                     raise _NeedsTarfile from None  # base-256 or oddly padded size
-                kind = mm[offset + 156:offset + 157]
+                kind = h[156:157]
                 if kind in (b"x", b"L"):
                     body = mm[offset + 512:offset + 512 + size]
                     pending.update(pax_records(body) if kind == b"x" else {"path": body.rstrip(b"\0")})
@@ -94,17 +97,15 @@ def _scan_headers(path: str) -> pa.Table:
                     if "path" in pending:
                         names[len(offsets)] = pending["path"]
                     pending = {}
+                    headers += h
                     offsets.append(offset)
+                    if len(offsets) == chunk:
+                        batches.append(_members(headers, offsets, names, sizes))
+                        headers, offsets, names, sizes = bytearray(), array("q"), {}, {}
                 offset += 512 + ((size + 511) & ~511)
-            view = np.frombuffer(mm, dtype=np.uint8)
-            try:
-                members: pa.Table | None = _members(view, np.frombuffer(offsets, dtype=np.int64), names, sizes)
-            except _NeedsTarfile:
-                members = None  # leaving this block drops the traceback and its views, so the map can close
-            del view
-    if members is None:
-        raise _NeedsTarfile
-    return members
+    if offsets:
+        batches.append(_members(headers, offsets, names, sizes))
+    return pa.Table.from_batches(batches, schema=MEMBERS)
 
 
 def pax_records(body: bytes) -> dict[str, bytes]:
@@ -119,35 +120,30 @@ def pax_records(body: bytes) -> dict[str, bytes]:
     return out
 
 
-def _members(data: np.ndarray, headers: np.ndarray, long_names: dict[int, bytes], long_sizes: dict[int, int],
-             chunk: int = 8192) -> pa.Table:
-    batches = []
-    for i in range(0, len(headers), chunk):
-        at = headers[i:i + chunk]
-        rows = data[at[:, None] + np.arange(512)]
-        kinds = rows[:, 156]
-        if not np.isin(kinds, np.frombuffer(FILE_KINDS + OTHER_KINDS, dtype=np.uint8)).all():
-            raise _NeedsTarfile  # a header kind this reader does not know
-        wide = rows.astype(np.int64)
-        got = wide.sum(axis=1) - wide[:, 148:156].sum(axis=1) + 8 * 32  # the checksum field counts as spaces
-        if not np.array_equal(got, octal(rows[:, 148:156])):
-            raise _NeedsTarfile  # a damaged (or space-padded) header: let tarfile read it
-        files = np.flatnonzero(np.isin(kinds, np.frombuffer(FILE_KINDS, dtype=np.uint8)))
-        raw = rows[files, :100].tobytes()
-        names = [raw[k:k + 100].split(b"\0", 1)[0] for k in range(0, len(raw), 100)]
-        for j in np.flatnonzero(rows[files, 345]).tolist():  # a USTAR name prefix (long paths)
-            names[j] = bytes(rows[files[j], 345:500]).split(b"\0", 1)[0] + b"/" + names[j]
-        sizes = octal(rows[files, 124:135])
-        for j, k in enumerate((files + i).tolist()):
-            if k in long_names:
-                names[j] = long_names[k]
-            if k in long_sizes:
-                sizes[j] = long_sizes[k]
-        batches.append(pa.record_batch([
-            pa.array([n.decode("utf-8", "surrogateescape") for n in names], pa.string()),
-            pa.array(at[files] + 512), pa.array(sizes),
-        ], schema=MEMBERS))
-    return pa.Table.from_batches(batches, schema=MEMBERS)
+def _members(headers: bytearray, offsets: array, long_names: dict[int, bytes], long_sizes: dict[int, int]
+             ) -> pa.RecordBatch:
+    """Regular-file members of a run of headers (copied out, 512 bytes each, at ``offsets`` in the archive)."""
+    rows = np.frombuffer(bytes(headers), dtype=np.uint8).reshape(-1, 512)
+    at = np.frombuffer(offsets, dtype=np.int64)
+    kinds = rows[:, 156]
+    if not np.isin(kinds, np.frombuffer(FILE_KINDS + OTHER_KINDS, dtype=np.uint8)).all():
+        raise _NeedsTarfile  # a header kind this reader does not know
+    wide = rows.astype(np.int64)
+    got = wide.sum(axis=1) - wide[:, 148:156].sum(axis=1) + 8 * 32  # the checksum field counts as spaces
+    if not np.array_equal(got, octal(rows[:, 148:156])):
+        raise _NeedsTarfile  # a damaged (or space-padded) header: let tarfile read it
+    files = np.flatnonzero(np.isin(kinds, np.frombuffer(FILE_KINDS, dtype=np.uint8)))
+    raw = rows[files, :100].tobytes()
+    names = [raw[k:k + 100].split(b"\0", 1)[0] for k in range(0, len(raw), 100)]
+    for j in np.flatnonzero(rows[files, 345]).tolist():  # a USTAR name prefix (long paths)
+        names[j] = bytes(rows[files[j], 345:500]).split(b"\0", 1)[0] + b"/" + names[j]
+    sizes = octal(rows[files, 124:135])
+    if long_names or long_sizes:
+        for j, k in enumerate(files.tolist()):
+            names[j] = long_names.get(k, names[j])
+            sizes[j] = long_sizes.get(k, sizes[j])
+    return pa.record_batch([pa.array([n.decode("utf-8", "surrogateescape") for n in names], pa.string()),
+                            pa.array(at[files] + 512), pa.array(sizes)], schema=MEMBERS)
 
 
 def octal(fields: np.ndarray) -> np.ndarray:

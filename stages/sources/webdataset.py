@@ -22,7 +22,7 @@ from stages.sources.tararchive import list_members
 # keys our own shard writer puts in .json; re-sharding recomputes them (``extra`` is merged back)
 OWN_KEYS = {"key", "uid", "sha256", "source_sha256", "width", "height", "label", "label_name", "caption", "split",
             "source", "ext", "original_width", "original_height", "original_bytes", "original_mode", "orientation",
-            "normalised", "extra"}
+            "normalised", "extra", "bytes", "offset"}
 
 
 class WebDatasetParams(SourceParams):

@@ -78,3 +78,19 @@ def test_measure_counts_only_picked_written_samples():
     stats = ChannelStats()
     assert len(list(measure([s1, s2, s3], stats))) == 3
     assert stats.result() == {"images": 1, "skipped": 0, "pixels": 4, "sum": [255, 0, 0], "sumsq": [255 * 255, 0, 0]}
+
+
+def test_meta_json_is_exactly_json_dumps_of_the_fields():
+    import json
+
+    from stages.sharding.samples import meta_json
+
+    row = {"key": "000000001", "uid": "u1", "source": 'dir/"quoted" é.jpg', "split": "train", "label": 3,
+           "label_name": "cät", "caption": 'a "photo"\nline', "width": 32, "height": 16, "sha256": "ab",
+           "normalised": "16-bit->8-bit", "extra": json.dumps({"b": [1, 2], "a": None}, sort_keys=True), "bytes": 9}
+    expected = {k: row[k] for k in ("key", "uid", "source", "split", "label", "label_name", "caption", "width",
+                                    "height", "sha256", "normalised")}
+    assert meta_json(row) == json.dumps({**expected, "extra": {"a": None, "b": [1, 2]}})
+    bare = {**row, "label": None, "label_name": None, "caption": None, "normalised": None, "extra": None}
+    assert json.loads(meta_json(bare)) == {k: bare[k] for k in ("key", "uid", "source", "split", "width", "height",
+                                                                  "sha256")}
