@@ -97,8 +97,9 @@ def key_digits(samples_per_shard: int) -> int:
     return max(4, len(str(samples_per_shard - 1)))
 
 
-def hash_chunk(args: tuple[dict[str, Any], list[str], list[int], list[int]]) -> list[str | None]:
-    """sha256 of each sample's source bytes (None when unreadable: its task rejects it with the reason)."""
+def hash_chunk(args: tuple[dict[str, Any], list[str], list[int], list[int]]) -> pa.Array:
+    """sha256 of each sample's source bytes (null when unreadable: its task rejects it with the reason); runs on
+    a worker and returns an arrow array, so the driver holds no Python string per sample."""
     spec, files, offsets, sizes = args
     out: list[str | None] = []
     with create_source(spec).open_reader() as reader:
@@ -107,7 +108,7 @@ def hash_chunk(args: tuple[dict[str, Any], list[str], list[int], list[int]]) -> 
                 out.append(hashlib.sha256(reader.read(f, o, s)).hexdigest())
             except (OSError, ValueError):
                 out.append(None)
-    return out
+    return pa.array(out, pa.string())
 
 
 @STAGES.register()
@@ -142,7 +143,10 @@ class ShardStage(Stage[ShardParams]):
         classes = build_classes(refs["label"], declared)
         write_json(ctx.out_dir / "classes.json", classes)
         refs = ordered(refs, params.shuffle, params.seed)
-        refs = refs.append_column("label_id", label_ids(refs["label"], classes))
+        ids = label_ids(refs["label"], classes)
+        refs = refs.set_column(refs.schema.get_field_index("label"), "label",
+                               pc.take(pa.array(classes, pa.string()), ids))  # the class name as classes.json has it
+        refs = refs.append_column("label_id", ids)
         refs = self._duplicates(refs, params, ctx)
         refs = refs.append_column("stats", self._stats_rows(refs, params))
         return self._write_tasks(refs, params, ctx.out_dir)
@@ -155,7 +159,7 @@ class ShardStage(Stage[ShardParams]):
                        .append_column("source_sha256", nulls)
         chunks = [(params.source, *(refs[c].slice(i, HASH_CHUNK).to_pylist() for c in ("file", "offset", "size")))
                   for i in range(0, n, HASH_CHUNK)]
-        hashes = pa.array([h for part in ctx.map(hash_chunk, chunks) for h in part], pa.string())
+        hashes = pa.concat_arrays(ctx.map(hash_chunk, chunks))
         dup = duplicate_of(hashes, refs["split"].combine_chunks(), refs["source"].combine_chunks(), params.dedup_scope)
         is_dup = pa.array(dup >= 0)
         pick = pa.array(np.maximum(dup, 0))

@@ -22,8 +22,12 @@ class FolderParams(TreeParams):
 
 
 def walk(root: Path) -> Iterator[tuple[str, int]]:
-    """(posix path relative to ``root``, size) of every file below it, skipping hidden files and folders."""
+    """(posix path relative to ``root``, size) of every file below it, skipping hidden files and folders.
+
+    Symlinked folders are followed (split folders often are links), each real folder once (no cycles).
+    """
     stack = [""]
+    seen = {(root.stat().st_dev, root.stat().st_ino)}
     while stack:
         rel_dir = stack.pop()
         try:
@@ -34,10 +38,16 @@ def walk(root: Path) -> Iterator[tuple[str, int]]:
             if e.name.startswith("."):
                 continue
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-            if e.is_dir(follow_symlinks=True):
-                stack.append(rel)
-            elif e.is_file(follow_symlinks=True):
-                yield rel, e.stat(follow_symlinks=True).st_size
+            try:
+                if e.is_dir():
+                    st = e.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(rel)
+                elif e.is_file():
+                    yield rel, e.stat().st_size
+            except OSError:  # a dangling link: nothing to list
+                continue
 
 
 @SOURCES.register("folder")

@@ -140,3 +140,14 @@ def test_fast_tar_listing_agrees_with_tarfile(tmp_path, fmt):
     fast = _scan_headers(str(tmp_path / "t.tar"))
     assert list(zip(*(fast[c].to_pylist() for c in ("name", "offset", "size")))) == list(_tarfile_members(str(tmp_path / "t.tar")))
     assert sorted(fast["name"].to_pylist()) == sorted(names)
+
+
+def test_symlinked_split_folders_are_followed_once(tmp_path):
+    put(tmp_path / "real", ["cat/a.jpg", "dog/b.jpg"])
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "cat" / "loop").symlink_to(tmp_path / "real")  # a cycle
+    (tmp_path / "real" / "dog" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    got = rows({"kind": "folder", "path": str(tmp_path / "src")})
+    assert {k: (v["split"], v["label"]) for k, v in got.items()} == {"train/cat/a.jpg": ("train", "cat"),
+                                                                    "train/dog/b.jpg": ("train", "dog")}
