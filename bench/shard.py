@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CIFAR, best_of, write_result  # noqa: E402
 
 LOAD: dict[str, float] = {}
+CPU: dict[str, float] = {}
 
 
 def loaded(name: str) -> None:
@@ -93,6 +94,45 @@ def params(archive: Path, verify: str, **extra: object) -> dict:
     return {"source": {"kind": "tar", "path": str(archive)}, "samples_per_shard": 10000, "verify": verify, **extra}
 
 
+def per_sample_profile(archive: Path, work: Path, verify: str) -> dict[str, float]:
+    """CPU µs per sample of each step of a task's chain (cumulative, one 10k shard, best of 3): where the
+    per-sample Python work goes."""
+    import pyarrow.parquet as pq
+
+    from pipeline.plans import roundtrip
+    from pipeline.stage import PlanContext
+    from stages.imaging.tar_writer import TarShardWriter
+    from stages.imaging.verify import ImageOptions
+    from stages.shard import ShardParams, ShardStage
+    from stages.sharding import outputs
+    from stages.sharding.samples import ChannelStats, Sample, ShardWriter, measure, read, skip_duplicates
+    from stages.sharding.samples import verify as verify_step
+    from stages.sources import create_source
+
+    p = ShardParams.model_validate(params(archive, verify))
+    out = work / f"profile-{verify}"
+    out.mkdir()
+    refs = pq.read_table(out / roundtrip(ShardStage().plan({}, p, PlanContext(out, {})))[0].payload["refs"])
+    source, opts = create_source(p.source), ImageOptions(None, p.max_pixels, p.verify)
+
+    def chain(level: int) -> float:
+        c0 = time.process_time()
+        with source.open_reader() as reader, open(os.devnull, "wb", buffering=1 << 20) as sink, \
+                TarShardWriter(sink) as tar:
+            s = (Sample(r) for b in refs.to_batches(max_chunksize=1024) for r in b.to_pylist())
+            steps = [lambda x: read(skip_duplicates(x), reader), lambda x: verify_step(x, opts),
+                     ShardWriter(tar, 0, "train", 4), lambda x: measure(x, ChannelStats())]
+            for step in steps[:level]:
+                s = step(s)
+            rows = [x.row for x in s]
+            if level > len(steps):
+                pq.write_table(outputs.to_table(rows, outputs.SHARD_SCHEMA), os.devnull)
+        return (time.process_time() - c0) / len(rows) * 1e6
+
+    names = ["refs -> samples", "+ read, sha256", "+ verify", "+ tar, json, row", "+ image stats", "+ parquet"]
+    return {name: round(min(chain(level) for _ in range(3)), 1) for level, name in enumerate(names)}
+
+
 def serial_stage(archive: Path, work: Path, verify: str) -> float:
     from pipeline.plans import roundtrip
     from pipeline.stage import FinalizeContext, PlanContext, TaskContext
@@ -102,7 +142,7 @@ def serial_stage(archive: Path, work: Path, verify: str) -> float:
     out = work / f"serial-{verify}"
     out.mkdir()
     loaded(f"stage_serial_{verify}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stage = ShardStage()
     tasks = roundtrip(stage.plan({}, p, PlanContext(out, {})))
     parts = []
@@ -110,6 +150,7 @@ def serial_stage(archive: Path, work: Path, verify: str) -> float:
         ctx = TaskContext(out, {}, task_id=t.id)
         parts.append(ctx.commit(t.id, stage.run(t, p, ctx), 0.0))
     stage.finalize(parts, p, FinalizeContext(out, {}))
+    CPU[f"stage_serial_{verify}_cpu_s"] = round(time.process_time() - c0, 3)
     return time.perf_counter() - t0
 
 
@@ -156,6 +197,7 @@ def main() -> None:
         decode = parallel_decode(args.archive)
         rows = {"tar_floor_s": floor, "tar_plus_parallel_decode_floor_s": floor + decode}
         rows["naive_single_process_s"] = naive_loop(args.archive, work)
+        profile = {v: per_sample_profile(args.archive, work, v) for v in ("header", "full")}
         for verify in ("header", "full"):
             rows[f"stage_serial_{verify}_s"] = serial_stage(args.archive, work, verify)
             wall, cold, warm = pipeline_run(args.archive, work, verify)
@@ -177,7 +219,7 @@ def main() -> None:
         "target": {"pipeline_stage_header_warm_vs_tar_floor": "<= 3.0",
                    "ratio": round(rows["pipeline_stage_header_warm_s"] / floor, 2),
                    "met": rows["pipeline_stage_header_warm_s"] / floor <= 3.0},
-        "stage": stage_times, "planning": planning,
+        "stage": stage_times, "planning": planning, "serial_cpu_s": CPU, "per_sample_cpu_us_cumulative": profile,
         "load_average_1min_before": LOAD, "cores": os.cpu_count(),
         "notes": ("pipeline_end_to_end includes starting the LocalCluster; pipeline_stage is plan+run+finalize "
                   "(with the sample grid and image statistics), cold: on the fresh cluster whose workers import "
@@ -188,6 +230,8 @@ def main() -> None:
     for k, v in rows.items():
         print(f"{k:36s} {v:7.2f} s  {n / v:9.0f} img/s  {v / floor:5.2f}x tar floor  {v / full_floor:5.2f}x decode floor")
     print("planning:", planning)
+    print("serial CPU:", CPU)
+    print("per-sample CPU µs (cumulative):", profile)
     print("load:", LOAD)
     print("wrote", write_result("shard", result))
 
