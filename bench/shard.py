@@ -10,7 +10,7 @@ Compares, in one run on one machine:
     and ``verify: header``;
   * planning time and driver RSS per million samples (a synthetic table source, ``bench/plan_scale.py``).
 
-The machine is shared: the 1-minute load average is recorded before every measurement.
+The machine is shared: how busy it was in the second before each measurement is recorded.
 
     python bench/shard.py [--archive ../shared/data/cifar10-jpeg.tar] [--plan-rows 1000000]
 """
@@ -31,12 +31,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CIFAR, best_of, write_result  # noqa: E402
 
-LOAD: dict[str, float] = {}
+LOAD: dict[str, dict[str, float]] = {}
 CPU: dict[str, float] = {}
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy during ``seconds`` while this benchmark sleeps: other people's work."""
+    def snap() -> tuple[int, int]:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return round(1 - (i1 - i0) / max(t1 - t0, 1), 2)
+
+
 def loaded(name: str) -> None:
-    LOAD[name] = round(os.getloadavg()[0], 2)
+    """Record how busy the shared machine is just before a measurement (1-minute load average, which also
+    counts this benchmark's previous steps, and the busy fraction of the cores in the last second)."""
+    LOAD[name] = {"load_1min": round(os.getloadavg()[0], 2), "others_busy": cpu_busy()}
 
 
 def tar_floor(archive: Path, work: Path) -> float:
@@ -220,12 +234,13 @@ def main() -> None:
                    "ratio": round(rows["pipeline_stage_header_warm_s"] / floor, 2),
                    "met": rows["pipeline_stage_header_warm_s"] / floor <= 3.0},
         "stage": stage_times, "planning": planning, "serial_cpu_s": CPU, "per_sample_cpu_us_cumulative": profile,
-        "load_average_1min_before": LOAD, "cores": os.cpu_count(),
+        "machine_load_before": LOAD, "cores": os.cpu_count(),
         "notes": ("pipeline_end_to_end includes starting the LocalCluster; pipeline_stage is plan+run+finalize "
                   "(with the sample grid and image statistics), cold: on the fresh cluster whose workers import "
                   "everything in their first task, warm: the same stage forced again on that cluster. The tar floor reads the extracted files from "
                   "the page cache; the stage reads the archive in place. The machine is shared with other work: "
-                  "see load_average_1min_before (2 cores; a load above ~1 means contention)."),
+                  "machine_load_before.others_busy is the fraction of all cores busy in the second before each "
+                  "measurement while this benchmark slept (0: idle machine)."),
     }
     for k, v in rows.items():
         print(f"{k:36s} {v:7.2f} s  {n / v:9.0f} img/s  {v / floor:5.2f}x tar floor  {v / full_floor:5.2f}x decode floor")
