@@ -2,19 +2,20 @@
 
 Layout (what img2dataset, NeMo Curator and DataComp users already read)::
 
-    shards/<split>/00000.tar            {key}.jpg|png|...  {key}.cls  {key}.txt  {key}.json
+    shards/<split>/00000.tar            {key}.jpg|png|webp  {key}.cls  {key}.txt  {key}.json
     shards/<split>/00000.parquet        one row per sample (key, uid, label, caption, size, sha256, ...)
     shards/<split>/00000_rejects.parquet
     shards/<split>/00000_stats.json     written last: the shard's done-marker
     index.parquet  rejects.parquet  duplicates.parquet  classes.json  samples.png
+    .plan/refs/00000.parquet            the plan: each task's sample references (the task payload names it)
 
 Shard numbers are global across splits, so keys (``{shard:05d}{row:04d}``) are unique in the artifact.
 Every input sample passes through exactly one task and ends as a shard row or a reject row, so
-``in == out + rejected`` always holds.
+``in == out + rejected`` always holds. The driver never holds a Python object per sample: sources scan into
+columns, the plan writes each shard's references to a parquet chunk, finalize streams one shard at a time.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,50 +23,59 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import field_validator
 
-from pipeline.atomic import atomic_path, write_json
 from pipeline.artifacts import PartRecord
-from pipeline.stage import FinalizeContext, InputArtifact, PlanContext, Stage, StageParams, STAGES, Summary, Task, TaskContext
-from stages.imaging.verify import Decoded, ImageError, ResizeParams, process_many
-from stages.sources import SOURCES, SampleRef, SourceError, make_source
+from pipeline.atomic import atomic_path, write_json
+from pipeline.stage import (
+    STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, StageParams, Summary, Task, TaskContext,
+    execution_only,
+)
 from stages.imaging.tar_writer import TarShardWriter
+from stages.imaging.verify import PIL_HARD_LIMIT, PIL_MAX_PIXELS, ImageOptions, ResizeParams
+from stages.sharding import outputs
+from stages.sharding.plan import (
+    build_classes, check_unique_uids, duplicate_of, label_ids, ordered, shard_bounds, split_order, stats_sample,
+)
+from stages.sharding.samples import ChannelStats, Sample, ShardWriter, measure, read, skip_duplicates, verify
+from stages.sources import SOURCES, SourceError, create_source
 
-DECODE_BATCH = 256
-SPLIT_ORDER = ("train", "val", "validation", "valid", "test")
-
-SHARD_SCHEMA = pa.schema([
-    ("key", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
-    ("label", pa.int32()), ("label_name", pa.string()), ("caption", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("offset", pa.int64()),
-    ("sha256", pa.string()),
-    ("ext", pa.string()), ("source", pa.string()), ("original_width", pa.int32()),
-    ("original_height", pa.int32()), ("original_bytes", pa.int64()), ("extra", pa.string()),
-])
-REJECT_SCHEMA = pa.schema([
-    ("source", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
-    ("reason", pa.string()), ("sha256", pa.string()), ("duplicate_of", pa.string()),
-    ("duplicate_of_source", pa.string()),
-])
+REFS_DIR = ".plan/refs"
+HASH_CHUNK = 2000
 
 
 class ShardParams(StageParams):
-    source: dict[str, Any]
+    # Where the data lives is execution-only: the artifact id takes the source's other parameters
+    # (``ShardStage.identity``) and a fingerprint of its content, so moving a dataset re-runs nothing.
+    source: dict[str, Any] = execution_only(...)
     samples_per_shard: int = 10_000
     shard_bytes: int | None = None  # close a shard at this many bytes too (e.g. 256_000_000)
-    resize: ResizeParams | None = None  # None: keep original bytes, no re-encode
-    dedup: bool = False  # drop exact duplicates by content sha256 (first occurrence is kept)
+    resize: ResizeParams | None = None  # None: keep original bytes unless the mode must be normalised
+    verify: Literal["full", "header"] = "full"  # header: trust readable headers (faster; truncation goes unseen)
+    max_pixels: int = PIL_MAX_PIXELS  # larger images are rejected from their header, before any decode
+    dedup: bool = False  # drop exact duplicates of the source bytes (the evaluation copy is kept)
     dedup_scope: Literal["split", "global"] = "split"
-    sample_grid: bool = True
+    shuffle: bool = True  # shuffle samples within each split (seeded), so no shard is class-sorted
+    seed: int = 0
+    stats_images: int = 10_000  # images (a seeded random sample of the train split) behind metrics.image_stats
+    sample_grid: bool = execution_only(True)
 
-    @field_validator("samples_per_shard")
+    @field_validator("samples_per_shard", "stats_images")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _pixels(cls, v: int) -> int:
+        if not 1 <= v <= PIL_HARD_LIMIT:
+            raise ValueError(f"must be between 1 and {PIL_HARD_LIMIT} (PIL refuses to open larger images)")
         return v
 
     @field_validator("source")
@@ -83,238 +93,189 @@ class ShardParams(StageParams):
         return out
 
 
-def make_uid(ident: str) -> str:
-    """128-bit id (hex) from the sample's identity in its source, as DataComp keeps per sample."""
-    return hashlib.blake2b(ident.encode("utf-8"), digest_size=16).hexdigest()
-
-
 def key_digits(samples_per_shard: int) -> int:
     return max(4, len(str(samples_per_shard - 1)))
 
 
-def build_classes(refs: list[SampleRef], declared: list[str] | None) -> list[str]:
-    labels = {r.label for r in refs if r.label is not None}
-    if declared is not None:
-        unknown = {str(x) for x in labels} - set(declared)
-        if unknown:
-            raise SourceError(f"labels {sorted(unknown)[:5]} are not among the source's classes")
-        return declared
-    if labels and all(isinstance(x, int) for x in labels):
-        return [str(i) for i in range(max(labels) + 1)]
-    return sorted(str(x) for x in labels)
-
-
-def label_id(label: str | int | None, classes: list[str]) -> int | None:
-    if label is None:
-        return None
-    if isinstance(label, int) and classes == [str(i) for i in range(len(classes))]:
-        return label
-    return classes.index(str(label))
-
-
-def hash_refs(args: tuple[dict[str, Any], list[SampleRef]]) -> list[str | None]:
-    """sha256 of each ref's bytes (None when unreadable: the shard task will reject it with the reason)."""
-    spec, refs = args
+def hash_chunk(args: tuple[dict[str, Any], list[str], list[int], list[int]]) -> pa.Array:
+    """sha256 of each sample's source bytes (null when unreadable: its task rejects it with the reason); runs on
+    a worker and returns an arrow array, so the driver holds no Python string per sample."""
+    spec, files, offsets, sizes = args
     out: list[str | None] = []
-    with make_source(spec).open_reader() as reader:
-        for r in refs:
+    with create_source(spec).open_reader() as reader:
+        for f, o, s in zip(files, offsets, sizes):
             try:
-                out.append(hashlib.sha256(reader.read(r)).hexdigest())
-            except OSError:
+                out.append(hashlib.sha256(reader.read(f, o, s)).hexdigest())
+            except (OSError, ValueError):
                 out.append(None)
-    return out
-
-
-def split_rank(split: str) -> tuple[int, str]:
-    return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
-
-
-def find_duplicates(refs: list[SampleRef], spec: dict[str, Any], scope: str, ctx: PlanContext,
-                    chunk: int = 2000) -> dict[int, tuple[int, str]]:
-    """Map index of each duplicate -> (index of the kept first occurrence, sha256)."""
-    chunks = [(spec, refs[i:i + chunk]) for i in range(0, len(refs), chunk)]
-    hashes = [h for part in ctx.map(hash_refs, chunks) for h in part]
-    first: dict[tuple[str, str], int] = {}
-    dups: dict[int, tuple[int, str]] = {}
-    for i, (ref, h) in enumerate(zip(refs, hashes)):
-        if h is None:
-            continue
-        k = (ref.split if scope == "split" else "", h)
-        if k in first:
-            dups[i] = (first[k], h)
-        else:
-            first[k] = i
-    return dups
+    return pa.array(out, pa.string())
 
 
 @STAGES.register()
 class ShardStage(Stage[ShardParams]):
     name = "shard"
-    version = "2"  # 2: index carries each image's byte offset in its tar
+    # 3: uids from paths relative to the source root, shuffled splits, faithful 8-bit modes, new index columns
+    version = "3"
     Params = ShardParams
     output_kind = "shards"
     takes_source = True
 
     def validate(self, params: ShardParams) -> None:
-        make_source(params.source).check()
+        create_source(params.source).check()
 
     def fingerprint(self, params: ShardParams) -> str:
-        return make_source(params.source).fingerprint()
+        return create_source(params.source).fingerprint()
+
+    def identity(self, params: ShardParams) -> dict[str, Any]:
+        return {"source": create_source(params.source).identity()}
 
     # -- driver --------------------------------------------------------------------------------------
     def plan(self, inputs: dict[str, InputArtifact], params: ShardParams, ctx: PlanContext) -> list[Task]:
-        source = make_source(params.source)
+        source = create_source(params.source)
         source.check()
-        refs = source.scan(ctx.map)
-        if not refs:
-            raise SourceError(f"{params.source.get('path', params.source['kind'])}: source contains no samples")
-        classes = build_classes(refs, source.classes())
+        where = str(params.source.get("path", params.source["kind"]))
+        scan = source.scan(ctx.map)
+        refs, declared = scan.refs, scan.classes
+        del scan  # one copy of the refs at a time
+        if refs.num_rows == 0:
+            raise SourceError(f"{where}: source contains no samples")
+        check_unique_uids(refs, where)
+        classes = build_classes(refs["label"], declared)
         write_json(ctx.out_dir / "classes.json", classes)
-        dups = find_duplicates(refs, params.source, params.dedup_scope, ctx) if params.dedup else {}
+        refs = ordered(refs, params.shuffle, params.seed)
+        ids = label_ids(refs["label"], classes)
+        refs = refs.set_column(refs.schema.get_field_index("label"), "label",
+                               pc.take(pa.array(classes, pa.string()), ids))  # the class name as classes.json has it
+        refs = refs.append_column("label_id", ids)
+        refs = self._duplicates(refs, params, ctx)
+        refs = refs.append_column("stats", self._stats_rows(refs, params))
+        return self._write_tasks(refs, params, ctx.out_dir)
 
-        order = sorted(range(len(refs)), key=lambda i: split_rank(refs[i].split))  # stable: source order within split
+    def _duplicates(self, refs: pa.Table, params: ShardParams, ctx: PlanContext) -> pa.Table:
+        n = refs.num_rows
+        if not params.dedup:
+            nulls = pa.nulls(n, pa.string())
+            return refs.append_column("dup_of_uid", nulls).append_column("dup_of_source", nulls) \
+                       .append_column("source_sha256", nulls)
+        chunks = [(params.source, *(refs[c].slice(i, HASH_CHUNK).to_pylist() for c in ("file", "offset", "size")))
+                  for i in range(0, n, HASH_CHUNK)]
+        hashes = pa.concat_arrays(ctx.map(hash_chunk, chunks))
+        dup = duplicate_of(hashes, refs["split"].combine_chunks(), refs["source"].combine_chunks(), params.dedup_scope)
+        is_dup = pa.array(dup >= 0)
+        pick = pa.array(np.maximum(dup, 0))
+        of = lambda col: pc.if_else(is_dup, pc.take(refs[col], pick), pa.nulls(n, pa.string()))  # noqa: E731
+        return refs.append_column("dup_of_uid", of("uid")).append_column("dup_of_source", of("source")) \
+                   .append_column("source_sha256", hashes)
+
+    @staticmethod
+    def _stats_rows(refs: pa.Table, params: ShardParams) -> pa.Array:
+        split = outputs.stats_split(split_order(refs["split"]))
+        eligible = np.flatnonzero(pc.and_(pc.equal(refs["split"], split), pc.is_null(refs["dup_of_uid"])).to_numpy(
+            zero_copy_only=False))
+        mask = np.zeros(refs.num_rows, dtype=bool)
+        mask[eligible[stats_sample(len(eligible), params.stats_images, params.seed)]] = True
+        return pa.array(mask)
+
+    @staticmethod
+    def _write_tasks(refs: pa.Table, params: ShardParams, out_dir: Path) -> list[Task]:
         tasks: list[Task] = []
-        current: list[int] = []
-        kept = size = 0
-
-        def close() -> None:
-            nonlocal current, kept, size
-            if current:
+        splits = refs["split"].combine_chunks()
+        start = 0
+        for split in split_order(splits):
+            n = int(pc.sum(pc.equal(splits, split)).as_py())
+            part = refs.slice(start, n)
+            kept = pc.is_null(part["dup_of_uid"]).to_numpy(zero_copy_only=False)
+            for a, b in shard_bounds(kept, part["size"].to_numpy(), params.samples_per_shard, params.shard_bytes):
                 shard = len(tasks)
-                dup_of = {str(j): [make_uid(refs[dups[i][0]].ident), refs[dups[i][0]].ident, dups[i][1]]
-                          for j, i in enumerate(current) if i in dups}
-                tasks.append(Task(id=f"{shard:05d}", size=len(current), payload={
-                    "shard": shard, "split": refs[current[0]].split,
-                    "refs": [dataclasses.asdict(refs[i]) for i in current],
-                    "dup_of": dup_of, "classes": classes,
-                }))
-            current, kept, size = [], 0, 0
-
-        for i in order:
-            if current and refs[i].split != refs[current[0]].split:
-                close()
-            current.append(i)
-            if i not in dups:
-                kept += 1
-                size += max(refs[i].size, 0)
-            if kept >= params.samples_per_shard or (params.shard_bytes and size >= params.shard_bytes):
-                close()
-        close()
+                rel = f"{REFS_DIR}/{shard:05d}.parquet"
+                with atomic_path(out_dir / rel) as tmp:
+                    pq.write_table(part.slice(a, b - a), tmp)
+                tasks.append(Task(id=f"{shard:05d}", size=b - a,
+                                  payload={"shard": shard, "split": split, "refs": rel, "count": b - a}))
+            start += n
         return tasks
 
     # -- worker --------------------------------------------------------------------------------------
     def run(self, task: Task, params: ShardParams, ctx: TaskContext) -> dict[str, Any]:
         p = task.payload
-        shard, split, classes = p["shard"], p["split"], p["classes"]
-        kd = key_digits(params.samples_per_shard)
+        shard, split = p["shard"], p["split"]
         stem = f"shards/{split}/{shard:05d}"
+        refs = pq.read_table(ctx.out_dir / p["refs"])
+        opts = ImageOptions(params.resize, params.max_pixels, params.verify)
+        stats = ChannelStats()
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
-        source = make_source(params.source)
-        tar_tmp = ctx.output(f"{stem}.tar")
-        refs = [SampleRef(**{**r, "locator": tuple(r["locator"])}) for r in p["refs"]]
-        with open(tar_tmp, "wb") as fobj, TarShardWriter(fobj) as tar, source.open_reader() as reader:
-            for start in range(0, len(refs), DECODE_BATCH):
-                batch, blobs = [], []
-                for j in range(start, min(start + DECODE_BATCH, len(refs))):
-                    ref = refs[j]
-                    base = {"source": ref.ident, "uid": make_uid(ref.ident), "split": split, "shard": shard}
-                    if str(j) in p["dup_of"]:
-                        kuid, kident, sha = p["dup_of"][str(j)]
-                        rejects.append({**base, "reason": "duplicate", "sha256": sha, "duplicate_of": kuid,
-                                        "duplicate_of_source": kident})
-                        continue
-                    try:
-                        blobs.append(reader.read(ref))
-                        batch.append((ref, base))
-                    except FileNotFoundError:
-                        rejects.append({**base, "reason": f"missing file: {ref.locator[0]}"})
-                    except OSError as e:
-                        rejects.append({**base, "reason": f"unreadable: {e}"})
-                decoded = process_many(blobs, [r.ext for r, _ in batch], params.resize)
-                for (ref, base), data, img in zip(batch, blobs, decoded):
-                    if isinstance(img, ImageError):
-                        rejects.append({**base, "reason": str(img)})
-                        continue
-                    rows.append(self._write(tar, ref, base, data, img, f"{shard:05d}{len(rows):0{kd}d}", classes))
-        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), ctx.output(f"{stem}.parquet"))
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), ctx.output(f"{stem}_rejects.parquet"))
+        source = create_source(params.source)
+        with open(ctx.output(f"{stem}.tar"), "wb", buffering=1 << 20) as fobj, TarShardWriter(fobj) as tar, \
+                source.open_reader() as reader:
+            write = ShardWriter(tar, shard, split, key_digits(params.samples_per_shard))
+            samples = (Sample(r) for b in refs.to_batches(max_chunksize=1024) for r in b.to_pylist())
+            for s in measure(write(verify(read(skip_duplicates(samples), reader), opts)), stats):
+                if s.reject is None:
+                    rows.append(s.row)  # type: ignore[arg-type]
+                else:
+                    rejects.append(outputs.reject_row(s, split, shard))
+        pq.write_table(outputs.to_table(rows, outputs.SHARD_SCHEMA), ctx.output(f"{stem}.parquet"))
+        pq.write_table(outputs.to_table(rejects, outputs.REJECT_SCHEMA), ctx.output(f"{stem}_rejects.parquet"))
         reasons = Counter(r["reason"].split(":")[0] for r in rejects)
-        stats = {"shard": shard, "split": split, "count": len(p["refs"]), "successes": len(rows),
-                 "failed": len(rejects), "reasons": dict(sorted(reasons.items())),
-                 "bytes": sum(r["bytes"] for r in rows)}
+        info = {"shard": shard, "split": split, "count": refs.num_rows, "successes": len(rows),
+                "failed": len(rejects), "reasons": dict(sorted(reasons.items())),
+                "bytes": sum(r["bytes"] for r in rows), "labelled": sum(r["label"] is not None for r in rows),
+                "captioned": sum(r["caption"] is not None for r in rows),
+                "stats": stats.result() if stats.images or stats.skipped else None}
         with open(ctx.output(f"{stem}_stats.json"), "w") as f:  # the done-marker: committed last
-            json.dump(stats, f, indent=2, sort_keys=True)
-        return stats
-
-    @staticmethod
-    def _write(tar: TarShardWriter, ref: SampleRef, base: dict[str, Any], data: bytes, img: Decoded, key: str,
-               classes: list[str]) -> dict[str, Any]:
-        lid = label_id(ref.label, classes)
-        row = {
-            **base, "key": key, "label": lid, "label_name": None if lid is None else classes[lid],
-            "caption": ref.caption, "width": img.width, "height": img.height, "bytes": len(img.data),
-            "sha256": hashlib.sha256(img.data).hexdigest(), "ext": img.ext,
-            "original_width": img.original_width, "original_height": img.original_height,
-            "original_bytes": len(data), "extra": json.dumps(ref.extra, sort_keys=True) if ref.extra else None,
-        }
-        members = {img.ext: img.data}
-        if lid is not None:
-            members["cls"] = str(lid).encode()
-        if ref.caption is not None:
-            members["txt"] = ref.caption.encode("utf-8")
-        meta = {k: v for k, v in row.items() if v is not None and k not in ("extra", "shard")}
-        if ref.extra:
-            meta["extra"] = ref.extra
-        members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-        row["offset"] = tar.write_sample(key, members)
-        return row
+            json.dump(info, f, indent=2, sort_keys=True)
+        return info
 
     # -- driver --------------------------------------------------------------------------------------
     def finalize(self, parts: list[PartRecord], params: ShardParams, ctx: FinalizeContext) -> Summary:
         out = ctx.out_dir
-        shard_files = [f.path for p in parts for f in p.files if f.path.endswith(".parquet")]
-        index = _concat([out / f for f in shard_files if not f.endswith("_rejects.parquet")], SHARD_SCHEMA)
-        rejects = _concat([out / f for f in shard_files if f.endswith("_rejects.parquet")], REJECT_SCHEMA)
-        _write_parquet(index, ctx.path("index.parquet"))
-        _write_parquet(rejects, ctx.path("rejects.parquet"))
+        infos = [p.info for p in parts]
+        stems = [out / f"shards/{i['split']}/{i['shard']:05d}" for i in infos]
+        with atomic_path(ctx.path("index.parquet")) as tmp:
+            n_out = outputs.concat_parquet([Path(f"{s}.parquet") for s in stems], tmp, outputs.SHARD_SCHEMA)
+        reject_files = [Path(f"{s}_rejects.parquet") for s in stems]
+        with atomic_path(ctx.path("rejects.parquet")) as tmp:
+            n_rejected = outputs.concat_parquet(reject_files, tmp, outputs.REJECT_SCHEMA)
         files = ["classes.json", "index.parquet", "rejects.parquet"]
         if params.dedup:
-            dups = rejects.filter(pc.equal(rejects["reason"], "duplicate"))
-            _write_parquet(dups.select(["sha256", "duplicate_of", "duplicate_of_source", "uid", "source", "split"]),
-                           ctx.path("duplicates.parquet"))
+            with atomic_path(ctx.path("duplicates.parquet")) as tmp:
+                outputs.concat_parquet(reject_files, tmp, DUPLICATES_SCHEMA, keep=_duplicate_rows)
             files.append("duplicates.parquet")
         by_reason: Counter[str] = Counter()
         splits: dict[str, dict[str, int]] = {}
-        for p in parts:
-            by_reason.update(p.info["reasons"])
-            s = splits.setdefault(p.info["split"], {"in": 0, "out": 0, "rejected": 0, "shards": 0})
-            s["in"] += p.info["count"]
-            s["out"] += p.info["successes"]
-            s["rejected"] += p.info["failed"]
+        for i in infos:
+            by_reason.update(i["reasons"])
+            s = splits.setdefault(i["split"], {"in": 0, "out": 0, "rejected": 0, "shards": 0})
+            s["in"] += i["count"]
+            s["out"] += i["successes"]
+            s["rejected"] += i["failed"]
             s["shards"] += 1
         counts = {
-            "in": sum(p.info["count"] for p in parts), "out": index.num_rows, "rejected": rejects.num_rows,
+            "in": sum(i["count"] for i in infos), "out": n_out, "rejected": n_rejected,
             "rejected_by_reason": dict(sorted(by_reason.items())), "splits": splits, "shards": len(parts),
-            "bytes": sum(p.info["bytes"] for p in parts),
+            "bytes": sum(i["bytes"] for i in infos),
         }
-        if params.sample_grid and index.num_rows:
+        stats_split = outputs.stats_split(list(splits))
+        if params.sample_grid and n_out:
             from stages.imaging.grid import sample_grid
 
+            classes = json.loads((out / "classes.json").read_text())
             with atomic_path(ctx.path("samples.png")) as tmp:
-                sample_grid(out, index, tmp)
+                sample_grid(out, [Path(f"{s}.parquet") for s, i in zip(stems, infos) if i["split"] == stats_split],
+                            tmp, n_classes=len(classes) or 1)
             files.append("samples.png")
         return Summary(counts=counts, files=files, metrics={
             "mean_bytes_per_sample": round(counts["bytes"] / max(counts["out"], 1), 1),
+            "image_stats": outputs.image_stats(infos, stats_split, params.seed),
+            "read_with": outputs.read_with(infos, out),
+            "order": {"shuffle": params.shuffle, "seed": params.seed},
         })
 
 
-def _concat(paths: list[Path], schema: pa.Schema) -> pa.Table:
-    tables = [pq.read_table(p, schema=schema) for p in paths]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+DUPLICATES_SCHEMA = pa.schema([outputs.REJECT_SCHEMA.field(c) for c in
+                               ("sha256", "duplicate_of", "duplicate_of_source", "uid", "source", "split")])
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
+def _duplicate_rows(rejects: pa.Table) -> pa.Table:
+    return rejects.filter(pc.equal(rejects["reason"], "duplicate"))

@@ -4,10 +4,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from stages.sources.base import SOURCES, SampleRef, Source, SourceError, SourceParams, make_source
+from stages.sources.base import (
+    REF_SCHEMA, SOURCES, SPLIT_NAMES, Scan, Source, SourceError, SourceParams, create_source,
+)
 
+_LIBRARIES = {"base", "columns", "tree", "fingerprints"}
 for _m in pkgutil.iter_modules(__path__):
-    if _m.name != "base":
+    if _m.name not in _LIBRARIES:
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["SOURCES", "SampleRef", "Source", "SourceError", "SourceParams", "make_source"]
+__all__ = ["REF_SCHEMA", "SOURCES", "SPLIT_NAMES", "Scan", "Source", "SourceError", "SourceParams", "create_source"]

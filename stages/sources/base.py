@@ -1,53 +1,63 @@
-"""Source adapters turn raw inputs into an ordered list of ``SampleRef`` and read their bytes on workers.
+"""The source contract: a source lists its samples as one columnar table (``REF_SCHEMA``) on the driver
+(``scan``, which may fan out with ``map``) and reads their bytes on a worker (``open_reader``).
 
-A source lists samples on the driver (``scan``, which may fan out with ``map``) and reads bytes on a worker
-(``open_reader``). It never decodes images: verification and rejection belong to the shard stage.
+It never decodes images: verification and rejection belong to the shard stage. Scanning never builds a Python
+object per sample for the whole dataset: a 2-million-image source is a few hundred MB of arrow columns.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import InputError
 from pipeline.registry import Registry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
+SPLIT_NAMES = ("train", "val", "validation", "test")  # folder names every source recognises as splits
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+REF_SCHEMA = pa.schema([
+    ("uid", pa.string()),  # the sample's identity in its source: kept when the source carries one
+    ("source", pa.string()),  # where the sample is in its source (path relative to the source root, posix)
+    ("ext", pa.string()),  # extension as named (the shard stage detects the real format)
+    ("split", pa.string()),
+    ("label", pa.string()),  # class name (or integer as text); null: unlabelled
+    ("caption", pa.string()),
+    ("extra", pa.string()),  # JSON object of further metadata, or null
+    ("file", pa.string()),  # locator: the file holding the bytes, relative to the source root (or absolute)
+    ("offset", pa.int64()),  # where the bytes start in ``file`` (archive members); -1: the whole file
+    ("size", pa.int64()),  # bytes; -1: unknown (missing file)
+])
 
 
 class SourceError(InputError):
     """The source as a whole is unusable (missing, empty, wrong format): raised before any work starts."""
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    """One input sample. ``ident`` is its stable identity within the source (relative path or member name)."""
-
-    ident: str
-    ext: str
-    locator: tuple[Any, ...]
-    split: str = "train"
-    label: str | int | None = None
-    caption: str | None = None
-    size: int = -1
-    extra: dict[str, Any] | None = field(default=None, hash=False, compare=False)
-
-
 class SourceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
+    # a user-declared version of the data: when given it is the source's fingerprint and nothing is scanned
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a source holds: one row per sample (``REF_SCHEMA``) and, when the source defines them, its
+    class names in label-id order."""
+
+    refs: pa.Table
+    classes: list[str] | None = None
 
 
 class Reader:
-    """Reads bytes for refs; subclasses keep file handles open across the refs of one task."""
+    """Reads sample bytes by locator; keeps archive handles open across the samples of one task."""
 
-    def read(self, ref: SampleRef) -> bytes:
+    def read(self, file: str, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -61,37 +71,39 @@ class Reader:
 
 
 class FileReader(Reader):
-    def read(self, ref: SampleRef) -> bytes:
-        with open(ref.locator[0], "rb") as f:
-            return f.read()
+    """Whole files (``offset < 0``) or ``size`` bytes at ``offset`` of an archive, relative to ``root``."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = str(root).rstrip("/") + "/"
+        self._archives: dict[str, Any] = {}
 
-class OffsetReader(Reader):
-    """Reads ``(archive, offset, size)`` locators: members of uncompressed tars, without extracting."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, Any] = {}
-
-    def read(self, ref: SampleRef) -> bytes:
-        path, offset, size = ref.locator[:3]
-        f = self._files.get(path)
+    def read(self, file: str, offset: int, size: int) -> bytes:
+        if not file:
+            raise FileNotFoundError("no file")
+        if offset < 0:
+            with open(file if file.startswith("/") else self.root + file, "rb") as f:
+                return f.read()
+        f = self._archives.get(file)
         if f is None:
-            f = self._files[path] = open(path, "rb")
+            f = self._archives[file] = open(file if file.startswith("/") else self.root + file, "rb")
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise OSError(f"{path}: member {ref.ident} truncated ({len(data)} of {size} bytes)")
+            raise OSError(f"{file}: member truncated ({len(data)} of {size} bytes)")
         return data
 
     def close(self) -> None:
-        for f in self._files.values():
+        for f in self._archives.values():
             f.close()
-        self._files.clear()
+        self._archives.clear()
 
 
 class Source:
     kind: ClassVar[str]
     Params: ClassVar[type[SourceParams]] = SourceParams
+    # params that say where the data lives, not what it is: left out of the artifact id (the content
+    # fingerprint stands for them), so moving a dataset re-runs nothing
+    location_fields: ClassVar[tuple[str, ...]] = ("path",)
 
     def __init__(self, params: SourceParams) -> None:
         self.params = params
@@ -100,71 +112,38 @@ class Source:
         """Raise ``SourceError`` if the source cannot be used at all."""
 
     def fingerprint(self) -> str:
-        """Cheap identity of the source's current content (sizes and mtimes), for artifact ids."""
+        """Identity of the source's content for the artifact id: the declared ``version`` when given, else a
+        cheap content scan (sizes and head/tail hashes; never absolute paths or mtimes)."""
+        if self.params.version is not None:
+            return f"version:{self.params.version}"
+        return self.content_fingerprint()
+
+    def content_fingerprint(self) -> str:
         return ""
 
-    def scan(self, map: Mapper) -> list[SampleRef]:
+    def identity(self) -> dict[str, Any]:
+        """The parameters that shape the outputs: all but the location fields."""
+        data = self.params.model_dump(mode="json")
+        return {k: v for k, v in data.items() if k not in self.location_fields}
+
+    def scan(self, map: Mapper) -> Scan:
         raise NotImplementedError
 
-    def classes(self) -> list[str] | None:
-        """Class names in label-id order, when the source defines them."""
-        return None
+    def root(self) -> Path:
+        """What relative ``file`` locators are relative to."""
+        return Path("/")
 
     def open_reader(self) -> Reader:
-        return FileReader()
+        return FileReader(self.root())
 
 
 SOURCES: Registry[type[Source]] = Registry("source", entry_point_group="distillery.sources")
 
 
-def make_source(spec: dict[str, Any] | SourceParams) -> Source:
+def create_source(spec: dict[str, Any] | SourceParams) -> Source:
     if isinstance(spec, SourceParams):
         spec = spec.model_dump()
     if "kind" not in spec:
         raise SourceError(f"source needs a 'kind' (one of: {', '.join(SOURCES.names())})")
     cls = SOURCES.get(spec["kind"])
     return cls(cls.Params.model_validate(spec))
-
-
-def stat_fingerprint(paths: Iterable[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def ext_of(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower() if "." in os.path.basename(name) else ""
-
-
-def split_and_label(parts: Sequence[str], use_splits: bool) -> tuple[str, str | None]:
-    """``train/cat/x.jpg`` -> ("train", "cat"); ``cat/x.jpg`` -> ("train", "cat"); ``x.jpg`` -> ("train", None)."""
-    split = "train"
-    if use_splits and len(parts) > 1:
-        split, parts = parts[0], parts[1:]
-    label = parts[0] if len(parts) > 1 else None
-    return split, label
-
-
-def detect_splits(top_level: set[str], mode: str) -> bool:
-    if mode == "none":
-        return False
-    if mode == "dirs":
-        return True
-    return bool(top_level) and top_level <= set(SPLIT_NAMES)
-
-
-def tree_refs(items: Sequence[tuple[str, Sequence[str], tuple[Any, ...], int]], splits_mode: str) -> list[SampleRef]:
-    """Refs for a class-folder tree given ``(ident, relative path parts, locator, size)`` per file.
-
-    Split folders are recognised when every file sits below one (``train/cat/x.jpg``) and ``splits_mode``
-    allows it; the class is the first folder below the split.
-    """
-    rels = [it[1] for it in items]
-    use_splits = detect_splits({r[0] for r in rels if len(r) > 2}, splits_mode) and all(len(r) > 1 for r in rels)
-    refs = []
-    for ident, rel, locator, size in items:
-        split, label = split_and_label(rel, use_splits)
-        refs.append(SampleRef(ident=ident, ext=ext_of(rel[-1]), locator=locator, split=split, label=label, size=size))
-    return refs

@@ -1,21 +1,53 @@
-"""An image-folder tree: ``root/<class>/<file>``, optionally under split folders ``root/<split>/<class>/``."""
+"""An image-folder tree: ``root/<class>/<file>``, optionally under split folders ``root/<split>/<class>/``
+(the layout rules are in ``stages.sources.tree``)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
-from stages.sources.base import (
-    IMAGE_EXTS, SOURCES, FileReader, Mapper, Reader, SampleRef, Source, SourceError, SourceParams,
-    ext_of, stat_fingerprint, tree_refs,
-)
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.sources.base import SOURCES, Mapper, Scan, Source, SourceError
+from stages.sources.columns import ColumnBuffer, ext_array, iter_rows
+from stages.sources.fingerprints import files_fingerprint
+from stages.sources.tree import TreeParams, tree_scan
+
+LISTING = pa.schema([("rel", pa.string()), ("size", pa.int64())])
 
 
-class FolderParams(SourceParams):
+class FolderParams(TreeParams):
     kind: Literal["folder"] = "folder"
-    path: Path
-    splits: Literal["auto", "dirs", "none"] = "auto"
-    extensions: tuple[str, ...] = IMAGE_EXTS
+
+
+def walk(root: Path) -> Iterator[tuple[str, int]]:
+    """(posix path relative to ``root``, size) of every file below it, skipping hidden files and folders.
+
+    Symlinked folders are followed (split folders often are links), each real folder once (no cycles).
+    """
+    stack = [""]
+    seen = {(root.stat().st_dev, root.stat().st_ino)}
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(root / rel_dir), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            try:
+                if e.is_dir():
+                    st = e.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(rel)
+                elif e.is_file():
+                    yield rel, e.stat().st_size
+            except OSError:  # a dangling link: nothing to list
+                continue
 
 
 @SOURCES.register("folder")
@@ -31,29 +63,22 @@ class FolderSource(Source):
         if not p.is_dir():
             raise SourceError(f"{p}: source 'folder' needs a directory")
 
-    def _files(self) -> list[Path]:
-        root = self.params.path
-        exts = set(self.params.extensions)
-        out = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            out.extend(Path(dirpath) / f for f in sorted(filenames)
-                       if not f.startswith(".") and ext_of(f) in exts)
-        return out
+    def root(self) -> Path:
+        return self.params.path
 
-    def fingerprint(self) -> str:
-        return stat_fingerprint(self._files())
+    def listing(self) -> pa.Table:
+        buf = ColumnBuffer(LISTING)
+        buf.extend(walk(self.params.path))
+        return buf.table()
 
-    def scan(self, map: Mapper) -> list[SampleRef]:
-        root = self.params.path
-        files = self._files()
-        if not files:
-            raise SourceError(f"{root}: source folder contains no images ({', '.join(self.params.extensions)})")
-        items = []
-        for f in files:
-            rel = f.relative_to(root).parts
-            items.append(("/".join(rel), rel, (str(f),), f.stat().st_size))
-        return tree_refs(items, self.params.splits)
+    def content_fingerprint(self) -> str:
+        rels = self.listing()["rel"]
+        images = pa.table({"rel": rels.filter(pc.is_in(ext_array(rels), value_set=pa.array(self.params.extensions)))})
+        ordered = images.sort_by("rel")
+        return files_fingerprint(self.params.path, (r for (r,) in iter_rows(ordered, ["rel"])))
 
-    def open_reader(self) -> Reader:
-        return FileReader()
+    def scan(self, map: Mapper) -> Scan:
+        files = self.listing()
+        rel = files["rel"].combine_chunks()
+        offsets = pa.repeat(pa.scalar(-1, pa.int64()), len(rel))
+        return tree_scan(rel, rel, offsets, files["size"].combine_chunks(), self.params, f"{self.params.path}: source folder")

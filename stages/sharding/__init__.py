@@ -1,0 +1,2 @@
+"""The shard stage's library: planning over columns (order, shuffle, dedup, shard bounds), the per-sample
+generator chain a task runs, and the tables and metrics finalize writes."""
