@@ -219,9 +219,13 @@ def show(artifact_dir: Path = typer.Argument(..., help="an artifact directory"))
     if m.metrics:
         console.print("metrics: " + json.dumps({k: v for k, v in m.metrics.items() if k != "read_with"}, sort_keys=True))
     for split, r in readers.items():  # how to read this artifact with plain tools, exactly
-        console.print(f"read {split} ({r.get('samples', '?')} samples): {artifact_dir / r['pattern']}", markup=False)
-        if r.get("python"):
-            console.print(f"  {r['python']}", markup=False, soft_wrap=True)
+        import re
+
+        where = artifact_dir.resolve() / r["pattern"]
+        console.print(f"read {split} ({r.get('samples', '?')} samples): {where}", markup=False)
+        if r.get("python"):  # the stored line names the path at creation; point it at where the artifact is now
+            line = re.sub(r'WebDataset\("[^"]*"', lambda _: f'WebDataset("{where}"', r["python"], count=1)
+            console.print(f"  {line}", markup=False, soft_wrap=True)
     console.print("timings: " + ", ".join(f"{k}={v}s" for k, v in m.timings.items()))
     n_files = sum(len(p.files) for p in m.parts) + len(m.files)
     n_bytes = sum(f.bytes for p in m.parts for f in p.files) + sum(f.bytes for f in m.files)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import time
@@ -482,6 +483,8 @@ class Runner:
             return client.submit(execute_task, spec, key=f"{step.name}-{phase}-{task.id}-{uuid.uuid4().hex[:12]}",
                                  resources=resources, pure=False)
 
+        with contextlib.suppress(Exception):  # workers import the stage's code now, not inside the first task
+            client.run(importlib.import_module, step.stage_cls.__module__)
         label = step.name if phase == MAIN_PHASE else f"{step.name}:{phase}"
         out: dict[str, PartRecord] = {}
         failures: dict[str, dict[str, Any]] = {}

@@ -55,6 +55,8 @@ def test_cli_run_status_show(tmp_path):
     assert "done" in s.stdout and "1797" in s.stdout
     sh = subprocess.run([*cli, "show", str(out / "shard")], capture_output=True, text=True)
     assert sh.returncode == 0 and "sklearn-digits" in sh.stdout
+    assert f"read train (1438 samples): {(out / 'shard').resolve()}/shards/train/" in sh.stdout.replace("\n", "")
+    assert 'wds.WebDataset("' + str((out / "shard").resolve()) in sh.stdout.replace("\n", "")
     bad = subprocess.run([*cli, "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "not found" in bad.stderr
 
