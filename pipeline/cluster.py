@@ -173,7 +173,7 @@ def _subprocess_cluster(kw: dict[str, Any]) -> Iterator[Any]:
     except Exception as e:  # noqa: BLE001 - a failed start is one line for the user, details in the log
         log.debug("local cluster failed to start", exc_info=True)
         raise ClusterError(f"the local Dask cluster failed to start: {type(e).__name__}: {e}") from None
-    with cluster, Client(cluster) as client:
+    with _QuietTeardown() as quiet, cluster, Client(cluster) as client:
         try:
             try:  # resource checks need every worker's declaration: wait until all have joined
                 client.wait_for_workers(len(specs), timeout=kw.get("start_timeout", 120))
@@ -183,7 +183,27 @@ def _subprocess_cluster(kw: dict[str, Any]) -> Iterator[Any]:
             yield client
         finally:  # close workers through the scheduler first: killed subprocesses log connection tracebacks
             with contextlib.suppress(Exception):
-                client.retire_workers(close_workers=True, remove=True)
+                client.retire_workers(close_workers=True, remove=False)
+            quiet.silence()
+
+
+class _QuietTeardown:
+    """The in-process scheduler logs every worker stream it cancels while closing as an ERROR with a traceback;
+    during teardown those are expected, so they are silenced, and the loggers restored afterwards."""
+
+    NAMES = ("distributed.scheduler", "distributed.core", "distributed.comm", "distributed.deploy.spec")
+
+    def __enter__(self) -> "_QuietTeardown":
+        self._levels = {n: logging.getLogger(n).level for n in self.NAMES}
+        return self
+
+    def silence(self) -> None:
+        for name in self.NAMES:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _worker_process_base() -> type:
