@@ -252,6 +252,20 @@ def stages() -> None:
 
 
 @app.command()
+def report(run_dir: Path = typer.Argument(..., help="a pipeline's output_dir"),
+           out: Optional[Path] = typer.Option(None, help="where to write (default RUN_DIR/report.html)")) -> None:
+    """One self-contained HTML page for a run: counts, timings, pictures and the comparison table."""
+    from pipeline.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except FileNotFoundError as e:
+        _fail(str(e))
+        return
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def schema(out: Optional[Path] = typer.Option(None, help="write here instead of stdout")) -> None:
     """The JSON schema of artifact manifests."""
     from pipeline.artifacts import manifest_json_schema
