@@ -78,3 +78,26 @@ def test_no_assert_for_input_checks():
     for path in [*(REPO / "pipeline").rglob("*.py"), *(REPO / "stages").rglob("*.py"), *(REPO / "distill").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             assert not isinstance(node, ast.Assert), f"{path.relative_to(REPO)}:{node.lineno}: assert in library code"
+
+
+def test_a_new_stage_file_is_found_without_reinstalling():
+    """In-tree discovery walks stages/ at run time (entry point ``distillery.plugins``), so a stage added as a
+    file is registered although the installed entry points have never heard of it."""
+    import importlib
+    import sys
+
+    from pipeline.registry import Registry
+
+    path = REPO / "stages" / "zz_layout_probe.py"
+    path.write_text("from pipeline.stage import STAGES, Stage\n\n\n@STAGES.register()\nclass ZZ(Stage):\n"
+                    "    name = 'zz-layout-probe'\n    output_kind = 'metrics'\n")
+    try:
+        importlib.invalidate_caches()
+        fresh: Registry = Registry("stage", plugin_group="distillery.plugins")
+        fresh._discover()  # runs stages:register_stages and distill:register_stages
+        assert "zz-layout-probe" in STAGES.names()
+        assert "zz-layout-probe" not in STAGES.entry_point_names()
+    finally:
+        path.unlink()
+        STAGES._members.pop("zz-layout-probe", None)
+        sys.modules.pop("stages.zz_layout_probe", None)
