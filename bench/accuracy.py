@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +38,9 @@ def main() -> None:
                                                  "n_train", "top1_mean", "top1_std", "top5_mean", "per_seed",
                                                  "images_per_sec", "wall_time_s", "model_space",
                                                  "model_space_source")}
+        curves = res.path / "curves.png"
+        if curves.is_file():  # the accuracy curves go next to the numbers
+            shutil.copyfile(curves, RESULTS / f"accuracy-{m.name}-{res.name}.png")
         print(f"{res.name:22s} n={mt['n_train']:6d}  top-1 {mt['top1_mean']:6.2f} ± {mt['top1_std']:.2f}  "
               f"({mt['recipe']}, {mt['epochs']} epochs)")
     print("wrote", write_result(f"accuracy-{m.name}", {"manifest": str(args.manifest), "results": rows,
