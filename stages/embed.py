@@ -157,14 +157,18 @@ class EmbedStage(Stage[EmbedParams]):
         vectors = np.zeros((n, emb.dim), dtype=np.float32)
         ok = np.zeros(n, dtype=bool)
         rejects: list[tuple[int, str]] = []
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # features stay on the device until the shard is done
         done, t0 = 0, time.perf_counter()
         for batch in shard_batches(ds, params.loader_workers, pin_memory=dev.type == "cuda"):
             rejects += batch.rejects
             if batch.pixels is not None:
-                vectors[batch.rows] = emb.embed_pixels(batch.pixels, params.precision)
+                pending.append((batch.rows, emb.features(batch.pixels, params.precision)))
                 ok[batch.rows] = True
             done += len(batch.rows) + len(batch.rejects)
             ctx.progress(done, n, images_per_sec=round(done / max(time.perf_counter() - t0, 1e-9), 1))
+        if pending:
+            rows_done = np.concatenate([r for r, _ in pending])
+            vectors[rows_done] = torch.cat([f for _, f in pending]).cpu().numpy()
         return vectors, ok, rejects
 
     @staticmethod

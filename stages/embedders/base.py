@@ -119,12 +119,16 @@ class Embedder:
         return next(iter(self.image.parameters())).device
 
     @torch.inference_mode()
-    def embed_pixels(self, batch: np.ndarray | torch.Tensor, precision: str = "fp32") -> np.ndarray:
-        """Raw (unnormalised) float32 features of a stacked batch of ``pixels`` outputs."""
+    def features(self, batch: np.ndarray | torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Raw (unnormalised) float32 features of a stacked batch of ``pixels`` outputs, left on the device: no
+        synchronisation, so the caller can fetch the next batch while the GPU works."""
         dev = self.device
         x = torch.as_tensor(batch).to(dev, non_blocking=True)
         with autocast(dev, precision):
-            return self.image(x).float().cpu().numpy()
+            return self.image(x).float()
+
+    def embed_pixels(self, batch: np.ndarray | torch.Tensor, precision: str = "fp32") -> np.ndarray:
+        return self.features(batch, precision).cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, captions: Sequence[str], precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
