@@ -6,7 +6,9 @@
 * the stage: ``embed`` through the Runner on the local cluster, on a cold cluster (workers import and load the
   model in their first task) and again warm (``--force embed``: the model is already loaded, the steady state);
   images/s = images / the stage's run time (plan and finalize excluded; they are reported);
-* with CUDA: the model-only ceiling (uint8 batches already on the GPU: normalise + ``encode_image``).
+* with CUDA: the model-only ceiling (uint8 batches already on the GPU: normalise + ``encode_image``);
+* CPU time per image of each side's preprocessing on one thread (decode + resize + crop to uint8 for the stage;
+  the README's ``preprocess`` to a normalised float tensor): on a GPU box with a fast model, what bounds images/s.
 
 Random-init weights (``open_clip:<arch>`` with no tag): throughput does not depend on the weights, and nothing is
 downloaded. On a CPU the default model is ViT-S-32 (ViT-B-32 runs at ~4 img/s on 2 shared cores), in fp32 for both
@@ -133,6 +135,37 @@ def stage_runs(arch: str, shards: Path, work: Path, batch: int, workers: int, pr
     return out
 
 
+def preprocess_cost(arch: str, items: list[tuple[str, int, int]], n: int = 300) -> dict[str, float]:
+    """CPU microseconds per image of each side's per-image work, on one thread: the stage's ``pixels`` (decode,
+    resize, crop to uint8) against the README's ``preprocess(Image.open(...))`` (to a normalised float tensor).
+    With a GPU doing the model, this is what bounds images/s per CPU core (``performance.md`` §1.3)."""
+    import open_clip
+    from PIL import Image
+
+    from stages.embedders import create_embedder
+
+    data = []
+    for path, offset, size in items[:n]:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data.append(f.read(size))
+    pixels = create_embedder(f"open_clip:{arch}").pixels
+    _, _, preprocess = open_clip.create_model_and_transforms(arch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for name, fn in (("stage_pixels", pixels), ("open_clip_preprocess", lambda b: preprocess(Image.open(io.BytesIO(b))))):
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            for b in data:
+                fn(b)
+            best = min(best, time.process_time() - c0)
+        out[name] = round(best / len(data) * 1e6, 1)
+    torch.set_num_threads(threads)
+    return out
+
+
 def model_only(arch: str, batch: int, dev: torch.device, steps: int = 20) -> float:
     """The GPU ceiling: uint8 batches already on the device, normalised there, ``encode_image`` in bf16."""
     from stages.embedders import create_embedder
@@ -167,6 +200,8 @@ def main() -> None:
         work = Path(tmp)
         shards = make_shards(args.archive, args.images, max(1, args.images // 2), work)
         items = index_items(shards)
+        loaded("preprocess_cost")
+        cost = preprocess_cost(args.model, items)
         plain = plain_loop(args.model, items, args.batch, args.workers, dev)
         stage = stage_runs(args.model, shards, work, args.batch, args.workers, precision)
         ceiling = model_only(args.model, args.batch, dev) if cuda else None
@@ -178,6 +213,8 @@ def main() -> None:
                          "model_only_ceiling": round(ceiling, 1) if ceiling else None},
         "ratio_stage_warm_vs_plain": round(warm / plain, 3), "ratio_stage_cold_vs_plain": round(cold / plain, 3),
         "ratio_stage_warm_vs_ceiling": round(warm / ceiling, 3) if ceiling else None,
+        "cpu_us_per_image": cost,
+        "cpu_cost_ratio_plain_vs_stage": round(cost["open_clip_preprocess"] / cost["stage_pixels"], 2),
         "stage": stage, "machine_load_before": LOAD,
         "notes": ("CIFAR-10 JPEGs (32px, upsampled to the model's 224px by its own preprocess), two shards so the "
                   "two local workers each run a task. stage images/s = images / run time of the stage (tasks on "
@@ -190,6 +227,8 @@ def main() -> None:
     for k, v in result["images_per_s"].items():
         print(f"  {k:24s} {v if v is not None else '-'} img/s")
     print(f"  stage warm / plain loop: {result['ratio_stage_warm_vs_plain']}x   cold: {result['ratio_stage_cold_vs_plain']}x")
+    print(f"  CPU per image (1 thread): stage {cost['stage_pixels']} us, open_clip preprocess "
+          f"{cost['open_clip_preprocess']} us ({result['cpu_cost_ratio_plain_vs_stage']}x)")
     print("load:", LOAD)
     print("wrote", write_result("embed", result))
 

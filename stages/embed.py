@@ -14,6 +14,7 @@ are execution-only: they change speed, and at most the last bits of a row (kerne
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,6 +42,7 @@ from stages.train.stage_support import device
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("split", pa.string()),
                            ("shard", pa.int32()), ("reason", pa.string())])
+SAME_MODEL = ("member", "architecture", "weights_sha256", "dim", "image_size", "mean", "std", "preprocess")
 ROW_COLUMNS = ["key", "uid", "split", "shard", "label", "offset", "bytes", "caption"]
 
 
@@ -183,11 +185,7 @@ class EmbedStage(Stage[EmbedParams]):
     # -- driver --------------------------------------------------------------------------------------
     def finalize(self, parts: list[PartRecord], params: EmbedParams, ctx: FinalizeContext) -> Summary:
         infos = sorted((p.info for p in parts), key=lambda i: i["part"])
-        described = {json_key(i["embedder"]) for i in infos}
-        if len(described) > 1:  # two workers loaded different weights (a tag that moved, a file replaced mid-run)
-            shas = sorted({i["embedder"]["weights_sha256"][:12] for i in infos})
-            raise InputError(f"embedder '{params.embedder}': workers loaded different models (weights {shas}); "
-                             "re-run with --force embed")
+        check_same_model(infos, params.embedder)
         embedder = infos[0]["embedder"] if infos else {}
         with atomic_path(ctx.path("rejects.parquet")) as tmp:
             tables = [pq.read_table(ctx.out_dir / f"rejects/rejects_{i['part']}.parquet") for i in infos]
@@ -215,10 +213,15 @@ class EmbedStage(Stage[EmbedParams]):
         return Summary(counts=counts, metrics=metrics, files=["rejects.parquet"])
 
 
-def json_key(d: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(d, sort_keys=True, default=str)
+def check_same_model(infos: list[dict[str, Any]], spec: str) -> None:
+    """Every part must come from the same model: workers that loaded different weights (a hub tag that moved, a
+    file replaced mid-run) would mix two embedding spaces. Where the file was read from may differ (a resumed run
+    after moving the checkpoint)."""
+    described = {json.dumps({k: i["embedder"].get(k) for k in SAME_MODEL}, sort_keys=True) for i in infos}
+    if len(described) > 1:
+        shas = sorted({str(i["embedder"].get("weights_sha256"))[:12] for i in infos})
+        raise InputError(f"embedder '{spec}': parts were made by different models (weights {', '.join(shas)}); "
+                         "re-run with --force embed")
 
 
 def read_with(out: Path, infos: list[dict[str, Any]], text: bool) -> dict[str, dict[str, Any]]:

@@ -77,6 +77,8 @@ class OpenClip(Member):
 
     def _weights_kind(self) -> str:
         w = self.spec.weights
+        if self._arch_kind in ("hub", "dir"):
+            return "bundled"  # open_clip loads the weights that come with the config
         if w is None:
             return "random"
         if self._arch_kind == "builtin":
@@ -143,7 +145,7 @@ class OpenClip(Member):
 
         arch = _config_name(Path(self.spec.name)) if self._arch_kind == "json" else self.spec.name
         wkind = self._weights_kind()
-        pretrained = None if wkind == "random" else self.spec.weights
+        pretrained = self.spec.weights if wkind in ("tag", "file") else None
         build = lambda: open_clip.create_model_and_transforms(arch, pretrained=pretrained)  # noqa: E731
         model, _, preprocess = seeded(RANDOM_SEED, build) if wkind == "random" else build()
         model.eval()
@@ -155,7 +157,7 @@ class OpenClip(Member):
         else:
             sha = state_sha256(model)
         source = {"random": f"random init (seed {RANDOM_SEED})", "tag": f"open_clip hub tag {self.spec.weights}",
-                  "file": str(self.spec.weights)}[wkind] if self._arch_kind not in ("hub", "dir") else self.spec.name
+                  "file": str(self.spec.weights), "bundled": self.spec.name}[wkind]
         desc = Description(
             member="open_clip", architecture=self.spec.name if self._arch_kind != "json" else arch,
             pretrained=source, weights_sha256=sha, dim=measured["dim"], image_size=measured["image_size"],

@@ -201,3 +201,14 @@ def test_checkpoint_embedder_gives_useful_features(digits_shards, tmp_path, clie
         ref = t.net.forward_features(t.space.encode(x.permute(0, 3, 1, 2))).flatten(1).numpy()
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     np.testing.assert_allclose(test.vectors[:4], ref, atol=2e-3)
+
+
+def test_parts_from_different_weights_are_refused():
+    from stages.embed import check_same_model
+
+    info = {"member": "open_clip", "architecture": "tiny", "weights_sha256": "a" * 64, "dim": 32, "spec": "x:/old/w"}
+    moved = {**info, "spec": "x:/new/w"}  # a resumed run after moving the file: the same model
+    check_same_model([{"embedder": info}, {"embedder": moved}], "x")
+    with pytest.raises(InputError, match=r"embedder 'x': parts were made by different models \(weights aaaaaaaaaaaa, "
+                                         r"bbbbbbbbbbbb\)"):
+        check_same_model([{"embedder": info}, {"embedder": {**info, "weights_sha256": "b" * 64}}], "x")
