@@ -4,7 +4,8 @@
   workers read each JPEG (from the same shard tar, by offset), ``Image.open`` + ``preprocess`` -> ``encode_image``
   (under ``torch.autocast`` on a GPU, as the README does; bf16 here, like the stage);
 * the stage: ``embed`` through the Runner on the local cluster, on a cold cluster (workers import and load the
-  model in their first task) and again warm (``--force embed``: the model is already loaded, the steady state);
+  model in their first task), then again warm (``--force embed``: the model is already loaded, the steady state),
+  alternating with the plain loop for ``--rounds`` rounds (medians: the machine may be shared);
   images/s = images / the stage's run time (plan and finalize excluded; they are reported);
 * with CUDA: the model-only ceiling (uint8 batches already on the GPU: normalise + ``encode_image``);
 * CPU time per image of each side's preprocessing on one thread (decode + resize + crop to uint8 for the stage;
@@ -14,7 +15,7 @@ Random-init weights (``open_clip:<arch>`` with no tag): throughput does not depe
 downloaded. On a CPU the default model is ViT-S-32 (ViT-B-32 runs at ~4 img/s on 2 shared cores), in fp32 for both
 (CPU autocast is not what a CPU user runs); on a GPU ViT-B-32 in bf16.
 
-    python bench/embed.py [--model ViT-S-32] [--images 512] [--batch 64] [--workers 2]
+    python bench/embed.py [--model ViT-S-32] [--images 512] [--batch 64] [--workers 2] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -90,12 +91,16 @@ def index_items(shards: Path) -> list[tuple[str, int, int]]:
     return [(str(shards / "shards" / r["split"] / f"{r['shard']:05d}.tar"), r["offset"], r["bytes"]) for r in rows]
 
 
-def plain_loop(arch: str, items: list[tuple[str, int, int]], batch: int, workers: int, dev: torch.device) -> float:
+def plain_model(arch: str, dev: torch.device):
     import open_clip
 
     model, _, preprocess = open_clip.create_model_and_transforms(arch)
-    model = model.to(dev).eval()
-    loaded("plain_loop")
+    return model.to(dev).eval(), preprocess
+
+
+def plain_loop(model, preprocess, items: list[tuple[str, int, int]], batch: int, workers: int,
+               dev: torch.device, tag: str = "plain_loop") -> float:
+    loaded(tag)
     t0 = time.perf_counter()
     loader = torch.utils.data.DataLoader(_Images(items, preprocess), batch_size=batch, num_workers=workers,
                                          pin_memory=dev.type == "cuda")
@@ -109,8 +114,20 @@ def plain_loop(arch: str, items: list[tuple[str, int, int]], batch: int, workers
     return len(features) / (time.perf_counter() - t0)
 
 
-def stage_runs(arch: str, shards: Path, work: Path, batch: int, workers: int, precision: str) -> dict:
+def stage_record(res) -> dict:
     from pipeline.artifacts import Artifact
+
+    man = Artifact(res.path).manifest()
+    n = man.counts["out"]
+    return {"timings": man.timings, "images": n, "images_per_s": round(n / man.timings["run_s"], 2),
+            "task_embed_seconds": [p.info["embed_seconds"] for p in man.parts],
+            "devices": sorted({p.info["device"] for p in man.parts})}
+
+
+def alternate(arch: str, shards: Path, items: list[tuple[str, int, int]], work: Path, batch: int, workers: int,
+              precision: str, dev: torch.device, rounds: int) -> dict:
+    """The stage once on a fresh cluster (cold), then ``rounds`` x (plain loop, stage again on the warm cluster):
+    alternating, so both see the same load on a shared machine; the ratio is the median of the rounds'."""
     from pipeline.config import PipelineManifest
     from pipeline.runner import Runner
 
@@ -119,19 +136,15 @@ def stage_runs(arch: str, shards: Path, work: Path, batch: int, workers: int, pr
         "stages": [{"name": "embed", "inputs": {"shards": str(shards)},
                     "params": {"embedder": f"open_clip:{arch}", "precision": precision, "batch_size": batch,
                                "loader_workers": workers}}]})
-    out = {}
+    model, preprocess = plain_model(arch, dev)
+    out: dict = {"plain": [], "warm": []}
     loaded("stage_cold")
     with Runner(m, show_progress=False) as r:
-        for name in ("cold", "warm"):
-            if name == "warm":
-                loaded("stage_warm")
-            res = r.run(force=["embed"] if name == "warm" else [])[0]
-            man = Artifact(res.path).manifest()
-            n = man.counts["out"]
-            out[name] = {"timings": man.timings, "images": n,
-                         "images_per_s": round(n / man.timings["run_s"], 2),
-                         "task_embed_seconds": [p.info["embed_seconds"] for p in man.parts],
-                         "devices": sorted({p.info["device"] for p in man.parts})}
+        out["cold"] = stage_record(r.run()[0])
+        for i in range(rounds):
+            out["plain"].append(round(plain_loop(model, preprocess, items, batch, workers, dev, f"plain_loop_{i}"), 2))
+            loaded(f"stage_warm_{i}")
+            out["warm"].append(stage_record(r.run(force=["embed"])[0]))
     return out
 
 
@@ -191,6 +204,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000 if cuda else 512)
     ap.add_argument("--batch", type=int, default=512 if cuda else 64)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if not args.archive.is_file():
         sys.exit(f"{args.archive}: CIFAR-10 archive not found")
@@ -202,24 +216,30 @@ def main() -> None:
         items = index_items(shards)
         loaded("preprocess_cost")
         cost = preprocess_cost(args.model, items)
-        plain = plain_loop(args.model, items, args.batch, args.workers, dev)
-        stage = stage_runs(args.model, shards, work, args.batch, args.workers, precision)
+        runs = alternate(args.model, shards, items, work, args.batch, args.workers, precision, dev, args.rounds)
         ceiling = model_only(args.model, args.batch, dev) if cuda else None
-    warm, cold = stage["warm"]["images_per_s"], stage["cold"]["images_per_s"]
+    plains = runs["plain"]
+    warms = [w["images_per_s"] for w in runs["warm"]]
+    ratios = [w / p for w, p in zip(warms, plains)]
+    plain, warm, cold = float(np.median(plains)), float(np.median(warms)), runs["cold"]["images_per_s"]
     result = {
         "model": f"open_clip {args.model} (random init)", "images": len(items), "batch_size": args.batch,
-        "loader_workers": args.workers, "device": str(dev), "precision": precision,
-        "images_per_s": {"open_clip_plain_loop": round(plain, 2), "stage_warm": warm, "stage_cold": cold,
+        "loader_workers": args.workers, "device": str(dev), "precision": precision, "rounds": args.rounds,
+        "images_per_s": {"open_clip_plain_loop": round(plain, 2), "stage_warm": round(warm, 2), "stage_cold": cold,
                          "model_only_ceiling": round(ceiling, 1) if ceiling else None},
-        "ratio_stage_warm_vs_plain": round(warm / plain, 3), "ratio_stage_cold_vs_plain": round(cold / plain, 3),
+        "per_round": {"open_clip_plain_loop": plains, "stage_warm": warms, "ratio": [round(r, 3) for r in ratios]},
+        "ratio_stage_warm_vs_plain": round(float(np.median(ratios)), 3),
+        "ratio_stage_cold_vs_plain": round(cold / plain, 3),
         "ratio_stage_warm_vs_ceiling": round(warm / ceiling, 3) if ceiling else None,
         "cpu_us_per_image": cost,
         "cpu_cost_ratio_plain_vs_stage": round(cost["open_clip_preprocess"] / cost["stage_pixels"], 2),
-        "stage": stage, "machine_load_before": LOAD,
+        "stage": runs, "machine_load_before": LOAD,
         "notes": ("CIFAR-10 JPEGs (32px, upsampled to the model's 224px by its own preprocess), two shards so the "
                   "two local workers each run a task. stage images/s = images / run time of the stage (tasks on "
                   "the cluster; plan and finalize are in 'timings'); cold includes each worker loading the model. "
-                  "The plain loop times loader start to the last batch, model creation excluded. "
+                  "The plain loop times loader start to the last batch, model creation excluded. Medians over "
+                  "alternating rounds; machine_load_before.others_busy is the fraction of all cores other work kept "
+                  "busy in the second before each measurement. "
                   + ("" if ceiling else "No CUDA device: the model-only ceiling is measured only on a GPU (run "
                                         "this script there: ViT-B-32, bf16, batch 512, 20k images by default).")),
     }
