@@ -36,6 +36,7 @@ from pipeline.stage import (
 )
 from stages.embedders import Embedder, EmbedderError, create_embedder, resolve_embedder
 from stages.embedders.batches import ShardImages, shard_batches
+from stages.embedders.checkpoint import Checkpoint
 from stages.embedders.store import META_SCHEMA, part_files, write_part
 from stages.sharding.pool import pool_record
 from stages.train.stage_support import device
@@ -51,7 +52,7 @@ class EmbedParams(StageParams):
     # tag) and ``fingerprint`` the content of local files, so moving a checkpoint re-runs nothing and editing one
     # re-runs the stage. Presets (bare names) resolve to their spec.
     embedder: str = execution_only(..., description="open_clip:<arch>[:<tag|file>] | timm:<model>[:pretrained|:<file>] "
-                                                    "| checkpoint:<teacher artifact>[#fold] | <preset>")
+                                                    "| checkpoint:[<teacher artifact>][#fold] | <preset>")
     splits: list[str] | None = None  # None: every split of the shards
     text: bool | None = None  # caption embeddings; None: when the shards have captions and the embedder a text tower
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype for matmuls/convolutions (changes the numbers)
@@ -74,6 +75,21 @@ class EmbedParams(StageParams):
         return v
 
 
+def full_spec(spec: str, inputs: dict[str, InputArtifact]) -> str:
+    """The spec to load: ``checkpoint:`` without a path takes the bound ``teacher`` input; a bound teacher is
+    used by that form only (never silently ignored)."""
+    member = resolve_embedder(spec)
+    bound = isinstance(member, Checkpoint) and member.bound
+    teacher = inputs.get("teacher")
+    if bound and teacher is None:
+        raise InputError(f"embedder '{spec}': no teacher artifact: give its path, or bind the embed stage's "
+                         "'teacher' input (inputs: {shards: ..., teacher: ...})")
+    if teacher is not None and not bound:
+        raise InputError(f"embedder '{spec}': a 'teacher' input is bound, which only 'checkpoint:' (without a "
+                         "path) uses")
+    return member.with_artifact(str(teacher.path)) if bound else spec  # type: ignore[union-attr]
+
+
 def load_embedder(spec: str, dev: torch.device) -> Embedder:
     return create_embedder(spec).to(dev)
 
@@ -83,7 +99,7 @@ class EmbedStage(Stage[EmbedParams]):
     name = "embed"
     version = "1"
     Params = EmbedParams
-    input_kinds = {"shards": ("shards",)}
+    input_kinds = {"shards": ("shards",), "teacher": ("model",)}  # teacher: for 'checkpoint:' without a path
     output_kind = "embeddings"
     resources = {"GPU": 1}
 
@@ -102,6 +118,7 @@ class EmbedStage(Stage[EmbedParams]):
 
     # -- driver --------------------------------------------------------------------------------------
     def plan(self, inputs: dict[str, InputArtifact], params: EmbedParams, ctx: PlanContext) -> list[Task]:
+        full_spec(params.embedder, inputs)  # a bound teacher input and the spec agree
         shards = inputs["shards"].path
         index = pq.read_table(shards / "index.parquet", columns=["split", "shard", "caption"])
         have = list(dict.fromkeys(index["split"].to_pylist()))
@@ -129,7 +146,8 @@ class EmbedStage(Stage[EmbedParams]):
         stem = ctx.inputs["shards"].path / "shards" / split / f"{shard:05d}"
         rows = pq.read_table(f"{stem}.parquet", columns=ROW_COLUMNS)
         dev = device(params.device)
-        emb = ctx.cached(f"embedder|{params.embedder}|{dev}", lambda: load_embedder(params.embedder, dev))
+        spec = full_spec(params.embedder, ctx.inputs)
+        emb = ctx.cached(f"embedder|{spec}|{dev}", lambda: load_embedder(spec, dev))
         t0 = time.perf_counter()
         vectors, ok, rejects = self._images(emb, rows, f"{stem}.tar", params, dev, ctx)
         seconds = time.perf_counter() - t0

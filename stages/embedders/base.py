@@ -4,6 +4,7 @@ preprocessing (the embed stage never picks a resize or a normalisation) and desc
     open_clip:<arch>[:<pretrained tag | weights file>]    arch: an open_clip name, a .json config, hf-hub:/local-dir:
     timm:<model>[:pretrained | :<weights file>]           no third field: random init (seeded; for tests)
     checkpoint:<teacher artifact>[#fold]                  penultimate features of a model trained here
+    checkpoint:[#fold]                                    ... of the embed stage's bound 'teacher' input
     <preset>                                              a YAML in presets/ naming one of the above
 
 A member is split in two, like a source: the driver-side half is cheap (``check``, ``identity``, ``fingerprint``:
@@ -58,11 +59,11 @@ def parse_spec(text: str) -> Spec:
         raise EmbedderError(f"embedder '{text}': unknown prefix '{member}:'; expected one of "
                             f"{', '.join(p + ':' for p in EMBEDDERS.names())} or a preset "
                             f"({', '.join(preset_names()) or 'none'})")
-    if not rest:
-        raise EmbedderError(f"embedder '{text}': nothing after '{member}:' ({EMBEDDERS.get(member).syntax})")
-    if member == "checkpoint":
+    if member == "checkpoint":  # no path: the embed stage's bound 'teacher' input
         path, _, fold = rest.partition("#")
         return Spec(text, member, path, fold or None)
+    if not rest:
+        raise EmbedderError(f"embedder '{text}': nothing after '{member}:' ({EMBEDDERS.get(member).syntax})")
     schema = next((s for s in HUB_SCHEMAS if rest.startswith(s)), "")
     name, sep, weights = rest[len(schema):].partition(":")
     return Spec(text, member, schema + name, weights if sep else None)

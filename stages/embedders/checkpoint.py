@@ -54,7 +54,17 @@ class TeacherFeatures(nn.Module):
 @EMBEDDERS.register("checkpoint")
 class Checkpoint(Member):
     prefix = "checkpoint"
-    syntax = "checkpoint:<teacher artifact>[#fold]"
+    syntax = "checkpoint:<teacher artifact>[#fold] (or checkpoint:[#fold] with a 'teacher' input bound)"
+
+    @property
+    def bound(self) -> bool:
+        """No path: the teacher is an input of the stage (made earlier in the same pipeline); its artifact id is
+        then part of the embeddings' id as any input's is."""
+        return not self.spec.name
+
+    def with_artifact(self, path: str) -> str:
+        """The full spec for a bound teacher input at ``path``."""
+        return f"checkpoint:{path}" + (f"#{self.spec.weights}" if self.spec.weights else "")
 
     @property
     def fold(self) -> int:
@@ -70,9 +80,12 @@ class Checkpoint(Member):
         return Path(self.spec.name) / "teachers" / f"fold_{self.fold}.pt"
 
     def normalised_text(self) -> str:
-        return f"checkpoint:{absolute(self.spec.name)}" + (f"#{self.spec.weights}" if self.spec.weights else "")
+        return self.spec.text if self.bound else self.with_artifact(absolute(self.spec.name))
 
     def check(self) -> None:
+        _ = self.fold
+        if self.bound:  # the runner checks the input; the stage checks that one is bound
+            return
         if not Path(self.spec.name).is_dir():
             raise self.error(f"teacher artifact {self.spec.name} not found")
         if not self.file.is_file():
@@ -86,13 +99,16 @@ class Checkpoint(Member):
             return ""
 
     def identity(self) -> dict[str, Any]:
-        return {"member": "checkpoint", "teacher": self._artifact_id(), "fold": self.fold}
+        return {"member": "checkpoint", "teacher": "input" if self.bound else self._artifact_id(), "fold": self.fold}
 
     def fingerprint(self) -> str:
-        return file_sha256(self.file)
+        return "" if self.bound else file_sha256(self.file)
 
     def create(self) -> Embedder:
         from stages.teacher import load_teacher
+
+        if self.bound:
+            raise self.error("no teacher artifact: give its path, or bind the embed stage's 'teacher' input")
 
         teacher = load_teacher(self.spec.name, self.fold)
         network = torch.load(self.file, map_location="cpu", weights_only=True)["network"]

@@ -168,13 +168,25 @@ def test_text_without_captions_and_unknown_splits_are_errors(digits_shards, clip
         embed(digits_shards.path, tmp_path / "run", clip["spec"], client, splits=["val"])
 
 
-def test_checkpoint_embedder_gives_useful_features(digits_shards, tmp_path, client):
-    """Penultimate features of a small teacher trained on digits: kNN on them classifies the test split."""
-    teacher = run_pipeline({"name": "t", "output_dir": str(tmp_path / "run"), "stages": [
+def test_checkpoint_embedder_gives_useful_features(digits_shards, clip, tmp_path, client):
+    """Penultimate features of a small teacher trained on digits in the same pipeline (``checkpoint:`` with the
+    teacher bound as an input): kNN on them classifies the test split."""
+    teacher, res = run_pipeline({"name": "t", "output_dir": str(tmp_path / "run"), "stages": [
         {"name": "teacher", "inputs": {"data": str(digits_shards.path)},
-         "params": {"recipe": "standard-dd", "overrides": {"epochs": 8, "network_kwargs": {"width": 16}}}}]},
-        client)[0]
-    res = embed(digits_shards.path, tmp_path / "run", f"checkpoint:{teacher.path}", client, precision="fp32")
+         "params": {"recipe": "standard-dd", "overrides": {"epochs": 8, "network_kwargs": {"width": 16}}}},
+        {"name": "embed", "inputs": {"shards": str(digits_shards.path), "teacher": "teacher"},
+         "params": {"embedder": "checkpoint:", "precision": "fp32"}}]}, client)
+    assert manifest(res)["inputs"]["teacher"] == teacher.artifact_id  # the teacher is in the embeddings' id
+    by_path = embed(digits_shards.path, tmp_path / "run", f"checkpoint:{teacher.path}#0", client, precision="fp32",
+                    splits=["test"])  # the same teacher named by path: the same rows
+    np.testing.assert_array_equal(load_embeddings(by_path.path, "test").vectors,
+                                  load_embeddings(res.path, "test").vectors)
+    with pytest.raises(InputError, match="no teacher artifact: give its path, or bind the embed stage's 'teacher'"):
+        embed(digits_shards.path, tmp_path / "run", "checkpoint:", client)
+    with pytest.raises(InputError, match="a 'teacher' input is bound, which only 'checkpoint:'"):
+        run_pipeline({"name": "t", "output_dir": str(tmp_path / "run"), "stages": [
+            {"name": "embed", "inputs": {"shards": str(digits_shards.path), "teacher": str(teacher.path)},
+             "params": {"embedder": clip["spec"]}}]}, client)
     info = manifest(res)["metrics"]["embedder"]
     assert info["member"] == "checkpoint" and info["architecture"] == "convnet"
     assert info["weights_sha256"] == file_sha256(teacher.path / "teachers" / "fold_0.pt")
