@@ -54,6 +54,8 @@ class PipelineManifest(BaseModel):
     cache_dir: Path | None = Field(None, description="derived, re-computable data (decoded images); default "
                                                      "$DISTILLERY_CACHE_DIR or ~/.cache/distillery")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    parallel_stages: int = Field(4, ge=1, description="independent stages that may run at once (their tasks "
+                                                       "share the cluster)")
     stages: list[StageSpec]
 
     @field_validator("stages")
@@ -219,7 +221,7 @@ def _artifact_kind(path: Path, where: str) -> str:
 def _bind_inputs(spec: StageSpec, cls: type[Stage[Any]], earlier: list[ResolvedStage], where: str) -> dict[str, str]:
     names = list(cls.input_names())
     if spec.inputs is None:
-        if not names:
+        if not names or (not earlier and not cls.required_inputs()):
             return {}
         if not earlier:
             raise ManifestError(f"{where}: stages[{spec.name}]: stage '{cls.name}' needs inputs {names}")
@@ -227,8 +229,14 @@ def _bind_inputs(spec: StageSpec, cls: type[Stage[Any]], earlier: list[ResolvedS
     if isinstance(spec.inputs, list):
         if len(spec.inputs) > len(names):
             raise ManifestError(f"{where}: stages[{spec.name}].inputs: '{cls.name}' takes {names}")
-        return dict(zip(names, spec.inputs))
-    unknown = set(spec.inputs) - set(names)
-    if unknown:
-        raise ManifestError(f"{where}: stages[{spec.name}].inputs: unknown {sorted(unknown)}; '{cls.name}' takes {names}")
-    return dict(spec.inputs)
+        bound = dict(zip(names, spec.inputs))
+    else:
+        unknown = set(spec.inputs) - set(names)
+        if unknown:
+            raise ManifestError(f"{where}: stages[{spec.name}].inputs: unknown {sorted(unknown)}; '{cls.name}' "
+                                f"takes {names}")
+        bound = dict(spec.inputs)
+    missing = [n for n in cls.required_inputs() if n not in bound]
+    if missing:
+        raise ManifestError(f"{where}: stages[{spec.name}].inputs: '{cls.name}' needs {missing} (takes {names})")
+    return bound

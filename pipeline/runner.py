@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import os
 import shutil
+import threading
 import time
 import traceback
 import uuid
@@ -39,7 +40,7 @@ from pipeline.events import EventLog
 from pipeline.fingerprint import code_fingerprint, library_versions
 from pipeline.lock import RunLock
 from pipeline.plans import PLAN_FILE, load_plan, save_plan
-from pipeline.progress import StageProgress, format_metrics
+from pipeline.progress import RunDisplay, StageProgress
 from pipeline.stage import (
     CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, TaskContext,
     default_cache_dir, identity_params, part_name,
@@ -160,7 +161,8 @@ class Runner:
 
     def __init__(self, manifest: PipelineManifest, *, where: str = "<manifest>", overrides: Sequence[str] = (),
                  profile: str | None = None, client: Any = None, show_progress: bool = True,
-                 retries: int = 2, worker_timeout: float | None = None) -> None:
+                 retries: int = 2, worker_timeout: float | None = None,
+                 parallel_stages: int | None = None) -> None:
         self.manifest = manifest
         self.where = where
         self.overrides = list(overrides)
@@ -174,6 +176,13 @@ class Runner:
         self.events = EventLog(self.out_dir / "events.jsonl")
         self.cache_dir = Path(manifest.cache_dir).resolve() if manifest.cache_dir else default_cache_dir()
         self.worker_timeout = worker_timeout if worker_timeout is not None else self._configured_worker_timeout()
+        self.parallel_stages = max(1, parallel_stages or manifest.parallel_stages)
+        self.display = RunDisplay(enabled=False)
+        self._client_lock = threading.Lock()
+        self._record_lock = threading.Lock()
+        self._progress_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._identities: dict[Any, tuple[str, dict[str, str], str, str]] = {}
+        self._subscribed = False
 
     def _configured_worker_timeout(self) -> float:
         try:
@@ -186,17 +195,29 @@ class Runner:
     # -- cluster -----------------------------------------------------------------------------------
     @property
     def client(self) -> Any:
-        if self._client is None:
-            from pipeline.cluster import open_client
+        with self._client_lock:  # stages run in threads: one cluster for all of them
+            if self._client is None:
+                from pipeline.cluster import open_client
 
-            try:
-                self._client = self._stack.enter_context(
-                    open_client(self.profile, self.manifest.cluster.config, self.manifest.cluster.options))
-            except ClusterError as e:
-                self.events.emit("cluster_failed", profile=self.profile, error=str(e))
-                raise
-            self.events.emit("cluster_started", profile=self.profile, dashboard=getattr(self._client, "dashboard_link", ""))
-        return self._client
+                try:
+                    self._client = self._stack.enter_context(
+                        open_client(self.profile, self.manifest.cluster.config, self.manifest.cluster.options))
+                except ClusterError as e:
+                    self.events.emit("cluster_failed", profile=self.profile, error=str(e))
+                    raise
+                self.events.emit("cluster_started", profile=self.profile,
+                                 dashboard=getattr(self._client, "dashboard_link", ""))
+            if not self._subscribed and hasattr(self._client, "subscribe_topic"):
+                self._client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)  # one, dispatched per stage phase
+                self._subscribed = True
+            return self._client
+
+    def _on_progress(self, event: Any) -> None:
+        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+        if isinstance(msg, dict):
+            handler = self._progress_handlers.get(msg.get("key", ""))
+            if handler is not None:
+                handler(msg)
 
     def close(self) -> None:
         self._stack.close()
@@ -266,43 +287,79 @@ class Runner:
         selected = self.selected(until)
         for step in selected:  # fail on a missing source before any work starts
             step.stage().validate(step.params)
-        with RunLock(self.out_dir):
-            return self._run_locked(selected, set(force))
+        with RunLock(self.out_dir), RunDisplay(self.show_progress) as display:
+            self.display = display
+            try:
+                return self._run_locked(selected, set(force))
+            finally:
+                self.display = RunDisplay(enabled=False)
 
     def _run_locked(self, selected: list[ResolvedStage], forced: set[str]) -> list[StageResult]:
+        """Run the selected steps as a DAG: every step whose inputs are done starts, up to ``parallel_stages`` at
+        once (their tasks share the cluster); on a failure no new step starts, running ones finish."""
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
         results: dict[str, StageResult] = self.external_inputs()
-        run_record: dict[str, Any] = {
+        record: dict[str, Any] = {
             "manifest": self.manifest.model_dump(mode="json"), "manifest_path": self.where,
             "overrides": self.overrides, "order": [s.name for s in self.steps], "started": now_iso(),
             "code_version": code_version(), "stages": {},
         }
-        self.events.emit("run_started", manifest=self.where, stages=[s.name for s in self.steps])
-        for step in selected:
+        for step in selected:  # force propagates downstream, decided before anything runs
             if any(u in forced for u in step.inputs.values()):
-                forced.add(step.name)  # force propagates downstream
+                forced.add(step.name)
+        self.events.emit("run_started", manifest=self.where, stages=[s.name for s in self.steps])
+        if self._needs_cluster(selected, forced, results):
+            self.client  # noqa: B018 - started here: its context must be entered and left in this thread
 
-            def started(path: Path, artifact_id: str, name: str = step.name) -> None:
-                run_record["stages"][name] = {"artifact_id": artifact_id, "path": str(path), "status": "running"}
-                write_json(self.out_dir / RUN_FILE, run_record)
+        def note(name: str, **info: Any) -> None:
+            with self._record_lock:
+                record["stages"][name] = {**record["stages"].get(name, {}), **info}
+                write_json(self.out_dir / RUN_FILE, record)
+
+        def one(step: ResolvedStage) -> StageResult:
+            def started(path: Path, artifact_id: str) -> None:
+                note(step.name, artifact_id=artifact_id, path=str(path), status="running")
 
             try:
-                res = self.run_stage(step, results, force=step.name in forced, on_start=started)
+                return self.run_stage(step, results, force=step.name in forced, on_start=started)
             except DistilleryError as e:
                 self.events.emit("run_failed", stage=step.name, error=str(e))
-                if step.name in run_record["stages"]:
-                    run_record["stages"][step.name]["status"] = "failed"
-                    write_json(self.out_dir / RUN_FILE, run_record)
+                if step.name in record["stages"]:
+                    note(step.name, status="failed")
                 raise
-            results[step.name] = res
-            run_record["stages"][step.name] = {
-                "artifact_id": res.artifact_id, "path": str(res.path), "status": res.status,
-                "seconds": round(res.seconds, 3), "counts": res.counts,
-            }
-            write_json(self.out_dir / RUN_FILE, run_record)
-        run_record["finished"] = now_iso()
-        write_json(self.out_dir / RUN_FILE, run_record)
+
+        pending = list(selected)
+        running: dict[Future[StageResult], ResolvedStage] = {}
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=self.parallel_stages, thread_name_prefix="stage") as pool:
+            while pending or running:
+                if error is None:
+                    for step in [s for s in pending if all(u in results for u in s.inputs.values())]:
+                        if len(running) >= self.parallel_stages:
+                            break
+                        pending.remove(step)
+                        running[pool.submit(one, step)] = step
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    step = running.pop(fut)
+                    try:
+                        res = fut.result()
+                    except BaseException as e:  # noqa: BLE001 - re-raised once the running steps finish
+                        error = error or e
+                        continue
+                    results[step.name] = res
+                    note(step.name, artifact_id=res.artifact_id, path=str(res.path), status=res.status,
+                         seconds=round(res.seconds, 3), counts=res.counts)
+        if error is not None:
+            raise error
+        record["finished"] = now_iso()
+        with self._record_lock:
+            write_json(self.out_dir / RUN_FILE, record)
         self.events.emit("run_finished", stages={k: v.status for k, v in results.items()})
-        return [r for r in results.values() if r.status != "external"]
+        return [results[s.name] for s in selected if s.name in results]
 
     def external_inputs(self) -> dict[str, StageResult]:
         """Artifacts named by directory in ``inputs:`` (made by another run, or by hand in our format)."""
@@ -320,15 +377,35 @@ class Runner:
 
     def identify(self, step: ResolvedStage, results: dict[str, StageResult]) -> tuple[str, dict[str, str], str, str]:
         """(artifact id, input ids, source fingerprint, code fingerprint) of a step."""
+        return self._identify(step, {k: r.artifact_id for k, r in results.items()})
+
+    def _identify(self, step: ResolvedStage, ids: dict[str, str]) -> tuple[str, dict[str, str], str, str]:
+        key = (step.name, tuple(sorted((k, ids[v]) for k, v in step.inputs.items())))
+        cached = self._identities.get(key)
+        if cached is not None:
+            return cached
         stage = step.stage()
-        input_ids = {k: results[v].artifact_id for k, v in step.inputs.items()}
+        input_ids = {k: ids[v] for k, v in step.inputs.items()}
         params = identity_params(step.params)
         extra = stage.identity(step.params)
         if extra:
             params = {**params, "__identity__": extra}
         fp = stage.fingerprint(step.params)
         code = code_fingerprint(step.stage_cls.__module__)
-        return compute_artifact_id(stage.name, stage.version, params, input_ids, fp, code), input_ids, fp, code
+        out = compute_artifact_id(stage.name, stage.version, params, input_ids, fp, code), input_ids, fp, code
+        self._identities[key] = out
+        return out
+
+    def _needs_cluster(self, selected: list[ResolvedStage], forced: set[str],
+                       results: dict[str, StageResult]) -> bool:
+        """Whether any selected step has work to do. Ids depend on inputs' ids, never on their outputs, so the
+        whole DAG's ids are known before anything runs."""
+        ids = {k: r.artifact_id for k, r in results.items()}
+        for step in selected:
+            ids[step.name] = self._identify(step, ids)[0]
+            if step.name in forced or not Artifact(self.artifact_dir(step, ids[step.name])).is_complete():
+                return True
+        return False
 
     def run_stage(self, step: ResolvedStage, results: dict[str, StageResult], force: bool = False,
                   on_start: Callable[[Path, str], None] | None = None) -> StageResult:
@@ -490,8 +567,7 @@ class Runner:
         failures: dict[str, dict[str, Any]] = {}
         attempts = {t.id: 1 for t in pending}
         total = sum(t.size for t in tasks)
-        with StageProgress(label, len(tasks), total, enabled=self.show_progress) as bar, \
-                self._progress_events(key, step.name, bar):
+        with self.display.stage(label, len(tasks), total) as bar, self._progress_events(key, step.name, bar):
             bar.advance(len(tasks) - len(pending), total - sum(t.size for t in pending))
             running = {submit(t, 1): t for t in pending}
             while running:
@@ -533,13 +609,11 @@ class Runner:
 
     @contextlib.contextmanager
     def _progress_events(self, key: str, stage_name: str, bar: StageProgress) -> Any:
-        """Route the workers' ``ctx.progress`` reports to the progress display and (throttled) events.jsonl."""
+        """Route the workers' ``ctx.progress`` reports for this stage phase to its display rows and (throttled)
+        to events.jsonl."""
         last: dict[str, float] = {}
 
-        def handler(event: Any) -> None:
-            msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
-            if not isinstance(msg, dict) or msg.get("key") != key:
-                return
+        def handler(msg: dict[str, Any]) -> None:
             task, done, total = msg["task"], msg["done"], msg["total"]
             bar.task_progress(task, done, total, msg.get("metrics") or {})
             now = time.monotonic()
@@ -547,20 +621,12 @@ class Runner:
                 last[task] = now
                 self.events.emit("task_progress", stage=stage_name, task=task, done=done, total=total,
                                  metrics=msg.get("metrics") or {})
-                from pipeline.events import log
 
-                log.debug("%s %s %d/%d %s", stage_name, task, done, total, format_metrics(msg.get("metrics") or {}))
-
-        client = self.client
-        subscribed = hasattr(client, "subscribe_topic")
-        if subscribed:
-            client.subscribe_topic(PROGRESS_TOPIC, handler)
+        self._progress_handlers[key] = handler
         try:
             yield
         finally:
-            if subscribed:
-                with contextlib.suppress(Exception):
-                    client.unsubscribe_topic(PROGRESS_TOPIC)
+            self._progress_handlers.pop(key, None)
 
     def _link(self, name: str, path: Path) -> None:
         """``<run>/<stage>`` -> the current artifact, switched atomically."""

@@ -214,6 +214,7 @@ class Stage(Generic[P]):
     resources: ClassVar[dict[str, float]] = {}
     # input name -> accepted artifact kinds (empty: any), in binding order; ``inputs:`` binds them to steps
     input_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}
+    optional_inputs: ClassVar[tuple[str, ...]] = ()  # the first input is required unless listed here
     output_kind: ClassVar[str] = ""
     # whether the pipeline manifest's top-level ``source:`` is injected as ``params.source``
     takes_source: ClassVar[bool] = False
@@ -225,6 +226,11 @@ class Stage(Generic[P]):
     @classmethod
     def input_names(cls) -> tuple[str, ...]:
         return tuple(cls.input_kinds)
+
+    @classmethod
+    def required_inputs(cls) -> tuple[str, ...]:
+        """Inputs a step must bind: the first one unless a stage says otherwise (``optional_inputs``)."""
+        return tuple(n for n in cls.input_names()[:1] if n not in cls.optional_inputs)
 
     def validate(self, params: P) -> None:
         """Cheap checks of external inputs, run for every stage before any stage starts work."""

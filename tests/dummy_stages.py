@@ -139,6 +139,8 @@ class FlakyParams(StageParams):
 class Flaky(Stage[FlakyParams]):
     name = "flaky"
     Params = FlakyParams
+    input_kinds = {"after": ()}  # any artifact this step must wait for
+    optional_inputs = ("after",)
     output_kind = "metrics"
 
     def plan(self, inputs, params, ctx):

@@ -108,3 +108,31 @@ def test_inputs_can_name_existing_artifacts(tmp_path, client):
     m["stages"][0]["inputs"] = {"shards": str(tmp_path / "nothing-here")}
     with pytest.raises(ManifestError, match="neither an earlier stage nor a complete artifact"):
         run_pipeline(m, client)
+
+
+def test_independent_stages_run_at_the_same_time_and_a_failure_stops_only_what_follows(tmp_path, client):
+    import dummy_stages  # noqa: F401  (device-probe, flaky)
+    from pipeline.artifacts import Artifact
+    from pipeline.runner import RunError
+
+    probe = {"stage": "device-probe", "params": {"tasks": 1, "sleep": 1.5}}
+    m = {"name": "par", "output_dir": str(tmp_path / "run"),
+         "stages": [{"name": "a", **probe}, {"name": "b", **{**probe, "params": {"tasks": 1, "sleep": 1.6}}}]}
+    a, b = run_pipeline(m, client)
+    ra = Artifact(a.path).manifest().metrics["runs"][0]
+    rb = Artifact(b.path).manifest().metrics["runs"][0]
+    assert ra["start"] < rb["end"] and rb["start"] < ra["end"], "independent stages overlap in time"
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    (flags / "fail").write_text("")
+    m = {"name": "par2", "output_dir": str(tmp_path / "run2"), "stages": [
+        {"name": "bad", "stage": "flaky", "params": {"tasks": 1, "bad": [0], "flag_dir": str(flags)}},
+        {"name": "fine", **probe},
+        {"name": "after", "stage": "flaky", "inputs": {"after": "bad"}, "params": {"tasks": 1, "flag_dir": str(flags)}},
+    ]}
+    with pytest.raises(RunError, match="stage bad: 1 of 1 tasks failed"):
+        run_pipeline(m, client)
+    rec = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert rec["stages"]["bad"]["status"] == "failed" and rec["stages"]["fine"]["status"] == "ran"
+    assert "after" not in rec["stages"], "a step downstream of a failure never starts"
