@@ -13,6 +13,7 @@ quota), and plots: ``clusters.png``, ``scores.png``, ``samples.png``.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -105,8 +106,6 @@ class PruneStage(Stage[PruneParams]):
                 "per_cluster": res.clusters is not None, "scored": "score" in res.kept.column_names}
 
     def finalize(self, parts: list[PartRecord], params: PruneParams, ctx: FinalizeContext) -> Summary:
-        from pathlib import Path
-
         info = parts[0].info
         out = ctx.out_dir
         files: list[str] = []
@@ -116,11 +115,12 @@ class PruneStage(Stage[PruneParams]):
         metrics = {"pool": info["pool"], "method": params.method, "target": target.describe(),
                    "split": params.split, "seed": params.seed, **info["metrics"],
                    "subset": {"file": "selection.npy", "format": "DataComp u8,u8 (sorted uids)",
-                              "uids": info["counts"]["selection"]}}
+                              "uids": info["counts"]["selection"]},
+                   "use_with": use_with(out, Path(info["pool"]["path"]), params.split)}
         return Summary(counts=info["counts"], metrics=metrics, files=files)
 
     @staticmethod
-    def _plots(info: dict[str, Any], params: PruneParams, out: Any, pool: Any) -> list[str]:
+    def _plots(info: dict[str, Any], params: PruneParams, out: Path, pool: Path) -> list[str]:
         import pyarrow.compute as pc
 
         from stages.pruning import plots
@@ -140,3 +140,18 @@ class PruneStage(Stage[PruneParams]):
             plots.sample_grid(pool, kept, dropped, out / "samples.png")
             files.append("samples.png")
         return files
+
+
+def use_with(artifact: Path, pool: Path, split: str) -> dict[str, str]:
+    """How to consume the selection with other tools: DataComp's resharder on the pool's shards of ``split`` (their
+    numbers are contiguous), our loaders, and export."""
+    import pyarrow.compute as pc
+
+    shards = pq.read_table(pool / "index.parquet", columns=["split", "shard"])
+    shards = pc.unique(shards.filter(pc.equal(shards["split"], split))["shard"]).to_numpy()
+    first, n = (int(shards.min()), len(shards)) if len(shards) else (0, 0)
+    return {"datacomp_resharder": f"python resharder.py -i {pool}/shards/{split} -o OUT -s {artifact}/selection.npy "
+                                  f"--shard-format '{{:05d}}.tar' --shard-stats-format '{{:05d}}_stats.json' "
+                                  f"--first-shard {first} -n {n}",
+            "python": f"from stages.train.loaders import webdataset; webdataset('{artifact}', '{split}')",
+            "export": "a step {stage: export, inputs: {data: <this step>}} writes the selection as new shards"}

@@ -73,9 +73,9 @@ class Candidates:
 
     def tiebreak(self) -> np.ndarray:
         """Rank of each row's uid: equal scores are ordered by uid, so decisions never depend on row order."""
-        uids = self.column("uid", dtype=object).astype("U32")
-        rank = np.empty(len(uids), dtype=np.int64)
-        rank[np.argsort(uids, kind="stable")] = np.arange(len(uids))
+        order = pc.sort_indices(self.rows["uid"]).to_numpy()
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
         return rank
 
 
@@ -178,9 +178,10 @@ def mask_of(idx: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def group_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values, each row's index into them); null labels become their own group."""
-    uniq, inv = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+def group_ids(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct integer values, each row's index into them) of an integer column; null is its own group (-1)."""
+    v = pc.fill_null(values.cast(pa.int64()), -1).to_numpy()
+    uniq, inv = np.unique(v, return_inverse=True)
     return uniq, inv
 
 

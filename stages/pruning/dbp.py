@@ -95,6 +95,11 @@ class DBPPruner(Pruner):
         prob = np.zeros(k)
         x = np.zeros(k)
         quota = np.zeros(k, dtype=np.int64)
+        floor = int(dbp_bounds(sizes[active], n, p.cls_bal_ratio)[0].sum())
+        if n < floor:
+            raise ValueError(f"dbp: keeping {n} rows is below the per-cluster floor of {floor} (at least "
+                             f"{'one row' if p.cls_bal_ratio == 0 else 'floor(N/k · cls_bal_ratio) rows'} of every "
+                             "cluster of 2+ rows): keep more, or cluster into fewer clusters")
         if active.any():
             comp[active] = complexity(d_intra[active], d_inter[active], sizes[active], p.min_cluster_size)
             prob[active], x[active], quota[active] = dbp_quotas(sizes[active], comp[active], n, p.temperature,

@@ -67,7 +67,7 @@ class MarginPruner(ScorePruner):
         order = ranked(score, cand.tiebreak(), descending=p.which_to_keep == "easy")
         metrics = {"which_to_keep": p.which_to_keep, "negative_margins": int((score < 0).sum())}
         if p.class_balanced:
-            _, group = group_ids(cand.column("label", dtype=object))
+            _, group = group_ids(cand.rows["label"])
             quota = proportional_quota(np.bincount(group), n)
             keep = mask_of(take_per_group(order, group, quota), n_rows)
         else:

@@ -96,15 +96,23 @@ def sample_grid(pool: Path, kept: pa.Table, dropped: pa.Table, path: Path, per_s
 
     column = "cluster" if "cluster" in kept.column_names else "label"
     chosen = _pick_groups(kept, dropped, column, groups)
-    index = pq.read_table(pool / "index.parquet", columns=["uid", "split", "shard", "offset", "bytes"])
 
-    def rows_of(t: pa.Table, g) -> list[dict]:
+    def shown(t: pa.Table, g) -> pa.Table:
         t = t.filter(pc.equal(t[column], g))
         if "score" in t.column_names:
             order = np.argsort(-np.nan_to_num(t.column("score").to_numpy(zero_copy_only=False).astype(float),
                                               nan=-np.inf), kind="stable")
             t = t.take(pa.array(order[:per_side]))
-        t = t.slice(0, per_side)
+        return t.slice(0, per_side)
+
+    picked = {(side, g): shown(t, g) for side, t in enumerate((kept, dropped)) for g in chosen}
+    uids = sorted({u for t in picked.values() for u in t.column("uid").to_pylist()})
+    # only the rows drawn are read from the pool's index (a filter pushed into the parquet reader)
+    index = pq.read_table(pool / "index.parquet", columns=["uid", "split", "shard", "offset", "bytes"],
+                          filters=[("uid", "in", uids)]) if uids else None
+
+    def rows_of(side: int, g) -> list[dict]:
+        t = picked[(side, g)]
         pos = pc.index_in(t["uid"], value_set=index["uid"].combine_chunks())
         return index.take(pos).to_pylist()
 
@@ -120,9 +128,9 @@ def sample_grid(pool: Path, kept: pa.Table, dropped: pa.Table, path: Path, per_s
         nd = pc.sum(pc.equal(dropped[column], g)).as_py() or 0
         draw.text((4, y + cell // 2 - 12), f"{column} {g}", fill="black")
         draw.text((4, y + cell // 2 + 2), f"kept {nk}/{nk + nd}", fill="grey")
-        for side, table in enumerate((kept, dropped)):
+        for side in (0, 1):
             x0 = label_w + side * (per_side * cell + gap)
-            for j, r in enumerate(rows_of(table, g)):
+            for j, r in enumerate(rows_of(side, g)):
                 data = read_at(pool / "shards" / r["split"] / f"{r['shard']:05d}.tar", r["offset"], r["bytes"])
                 img = Image.fromarray(decode(data, None))
                 img.thumbnail((cell - 2, cell - 2))

@@ -27,7 +27,7 @@ class RandomPruner(Pruner):
         rng = np.random.default_rng(cand.seed)
         if not p.class_balanced:
             return Decision(mask_of(rng.choice(n_rows, size=n, replace=False), n_rows), "random: not drawn")
-        _, group = group_ids(cand.column("label", dtype=object))
+        _, group = group_ids(cand.rows["label"])
         sizes = np.bincount(group)
         quota = proportional_quota(sizes, n)
         picked = [rng.choice(np.flatnonzero(group == g), size=int(q), replace=False) for g, q in enumerate(quota)]

@@ -120,6 +120,10 @@ def run_step(pruner: Pruner, rows: pa.Table, inputs: dict[str, Path], target: Ta
         null = pc.is_null(rows[col], nan_is_null=True).to_numpy(zero_copy_only=False)
         why_lacking[null & ~lacking] = f"{name}: no {col}"
         lacking |= null
+    if rows.num_rows and lacking.all():
+        cols = ", ".join(pruner.required)
+        raise InputError(f"prune: none of the {rows.num_rows} candidate rows has a {cols} for method '{name}' "
+                         f"(is the {'/'.join(pruner.needs) or 'input'} artifact about another pool or split?)")
     cand_rows = rows.filter(pa.array(~lacking))
     decision: Decision = pruner.select(Candidates(cand_rows, inputs, seed), target)
     if decision.score is not None:

@@ -176,7 +176,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         mine = [self.tars[i] for i in list(order)[worker::workers]]
         if not mine:
             return
-        only = {} if self.keys is None else {"select_files": partial(_member_of, self.keys)}
+        only = {} if self.keys is None else {"select_files": partial(member_in, self.keys)}
         samples = wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None,
                                  empty_check=False, **only).map(self._decode)
         if self.shuffle:
@@ -199,7 +199,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         return np.stack([b[0] for b in batch]), np.array([b[1] for b in batch], dtype=np.int64)
 
 
-def _member_of(keys: frozenset[str], name: str) -> bool:
+def member_in(keys: frozenset[str], name: str) -> bool:
+    """Whether a tar member (``{key}.{ext}``) belongs to one of ``keys``: webdataset's ``select_files`` filter,
+    so the members of other samples are skipped before they are decoded."""
     return name.rsplit("/", 1)[-1].split(".", 1)[0] in keys
 
 

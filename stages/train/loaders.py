@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from stages.imaging.decode import decode
+from stages.train.image_data import member_in
 from stages.selections.store import INDEX_COLUMNS, pool_rows
 from stages.sharding.pool import find_pool
 
@@ -80,10 +81,6 @@ def pool_stats(artifact: PathLike) -> tuple[list[float], list[float]]:
     return list(stats["mean"]), list(stats["std"])
 
 
-def _member_selected(keys: frozenset[str], name: str) -> bool:
-    return name.rsplit("/", 1)[-1].split(".", 1)[0] in keys
-
-
 def webdataset(artifact: PathLike, split: str = "train", *, decode: str | None = "pil", shardshuffle: bool = False,
                **kw: Any):
     """A ``webdataset.WebDataset`` of the rows (split across DataLoader workers by shard); chain ``.shuffle(n)``,
@@ -92,7 +89,7 @@ def webdataset(artifact: PathLike, split: str = "train", *, decode: str | None =
 
     rows = load_rows(artifact, split)
     if rows.selection:
-        kw.setdefault("select_files", partial(_member_selected, rows.keys))
+        kw.setdefault("select_files", partial(member_in, rows.keys))
     ds = wds.WebDataset(rows.tars(), shardshuffle=shardshuffle, nodesplitter=kw.pop("nodesplitter", wds.split_by_node),
                         empty_check=False, **kw)
     return ds.decode(decode) if decode is not None else ds

@@ -36,6 +36,7 @@ def test_reshard_rejects_damaged_bytes_and_writes_hook_members(digits_shards, tm
 
     pool = digits_shards.path
     rows = pq.read_table(pool / "index.parquet").slice(0, 5).to_pylist()
+    rows[0] = {**rows[0], "caption": "a handwritten digit", "extra": '{"source_url": "x"}'}  # carried along
     rows[1] = {**rows[1], "sha256": "0" * 64}  # the pool's tar no longer holds what its index says
     rows[2] = {**rows[2], "offset": rows[2]["offset"] + 10**9}  # past the end of the tar
 
@@ -53,6 +54,8 @@ def test_reshard_rejects_damaged_bytes_and_writes_hook_members(digits_shards, tm
     assert all((s["json"]["uid"], s["json"]["key"], s["cls"]) == (rows[i]["uid"], rows[i]["key"], rows[i]["label"])
                for s, i in zip(got, (0, 3, 4)))
     assert np.allclose(got[0]["soft.npy"], np.eye(10)[rows[0]["label"]] * 0.9 + 0.01)
+    assert got[0]["txt"] == "a handwritten digit" and got[0]["json"]["extra"] == {"source_url": "x"}
+    assert got[0]["json"]["caption"] == "a handwritten digit" and "txt" not in got[1]
     with pytest.raises(ValueError, match="already has"):
         Writer(TarShardWriter(io.BytesIO()), 0, [lambda r: {"cls": b"1"}]).write(Item(rows[0], b"x"))
 

@@ -76,7 +76,11 @@ def test_chain_prunes_within_each_prior_with_promised_sizes(chain):
     assert set(dropped.column("dropped_by").to_pylist()) == {"dedup", "prune:clip-score", "prune:dbp"}
     for f in ("clusters.png", "scores.png", "samples.png"):
         assert (chain["dbp"] / f).stat().st_size > 1000, f
-    assert manifest(chain["dbp"])["metrics"]["pool"]["artifact_id"] == manifest(chain["pool"])["artifact_id"]
+    metrics = manifest(chain["dbp"])["metrics"]
+    assert metrics["pool"]["artifact_id"] == manifest(chain["pool"])["artifact_id"]
+    # the resharder line names the pool's train shards (1438 samples, 500 a shard: 00000..00002)
+    assert "/shards/train -o OUT" in metrics["use_with"]["datacomp_resharder"]
+    assert metrics["use_with"]["datacomp_resharder"].endswith("--first-shard 0 -n 3")
 
 
 def pool_samples(pool: Path, split: str = "train"):
@@ -94,13 +98,20 @@ def pool_samples(pool: Path, split: str = "train"):
 
 def test_datacomp_consumer_selects_the_same_rows(chain):
     sel = load_selection(chain["dbp"])
-    subset = np.load(chain["dbp"] / "selection.npy", allow_pickle=False)
-    assert subset.dtype == np.dtype([("u0", "<u8"), ("u1", "<u8")])
+    # DataComp's resharder: load_subset() memory-maps the file and asserts its dtype is np.dtype("u8,u8")
+    u16 = np.dtype("u8,u8")
+    subset = np.load(chain["dbp"] / "selection.npy", mmap_mode="r")
+    assert subset.dtype == u16
     pairs = [(int(a), int(b)) for a, b in subset]
     assert pairs == sorted(set(pairs)), "sorted and unique, as the resharder's binary search needs"
     assert [pair_to_uid(p) for p in subset] == sorted(sel.uids)
-    picked = {u for u, _, _ in pool_samples(chain["pool"]) if datacomp_contains(subset, u)}
-    assert picked == set(sel.uids)
+    # ... then, per example, the uid from its json, a key built as it builds it, and two binary searches
+    written = {}
+    for uid, _, _ in pool_samples(chain["pool"]):
+        key = np.array([divmod(int(uid, 16), 2**64)], u16)[0]
+        written[uid] = int(np.searchsorted(subset, key, "right") - np.searchsorted(subset, key, "left"))
+    assert {u for u, n in written.items() if n} == set(sel.uids) and set(written.values()) == {0, 1}
+    assert {u for u, _, _ in pool_samples(chain["pool"]) if datacomp_contains(subset, u)} == set(sel.uids)
     as_datacomp = np.sort(np.array([(int(u[:16], 16), int(u[16:], 16)) for u in sel.uids], np.dtype("u8,u8")))
     assert np.array_equal(as_datacomp.view(np.uint64), uid_pairs(sel.uids).view(np.uint64))
 
@@ -148,3 +159,26 @@ def test_validate_trains_on_the_selection_and_its_random_baseline_from_the_pool(
     stats = manifest(chain["pool"])["metrics"]["image_stats"]
     assert m["model_space"]["mean"] == pytest.approx(stats["mean"]), "the pool's statistics, not the subset's"
     assert 0 <= m["top1_mean"] <= 100 and 0 <= m["random_baseline"]["top1_mean"] <= 100
+
+
+@pytest.mark.slow
+def test_cifar10_selection_exports_exactly_and_loads_without_export(cifar_shards, tmp_path, client):
+    """The digits chain above at CIFAR-10 scale (50k rows): a class-balanced 30 % selection, exported and read back
+    with plain webdataset, equal to what the trainer and the loader API read from the pool."""
+    import webdataset as wds
+
+    from stages.train.loaders import load_rows
+
+    res = run_pipeline({"name": "c", "output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "sel", "stage": "prune", "inputs": {"shards": str(cifar_shards.path)},
+         "params": {"method": "random", "class_balanced": True, "fraction": 0.3}},
+        {"name": "export", "inputs": {"data": "sel"}}]}, client)
+    sel, out = (r.path for r in res)
+    kept = load_selection(sel)
+    assert len(kept) == 15_000 and np.bincount(kept.kept.column("label").to_numpy()).tolist() == [1500] * 10
+    m = manifest(out)
+    uids = [json.loads(s["json"])["uid"] for s in wds.WebDataset(str(out / m["metrics"]["read_with"]["train"]["pattern"]),
+                                                                 shardshuffle=False)]
+    assert len(uids) == len(set(uids)) == 15_000 and set(uids) == set(kept.uids)
+    assert load_rows(sel).uids == uids, "the export keeps the pool's order"
+    assert m["counts"]["splits"]["test"]["out"] == 10_000

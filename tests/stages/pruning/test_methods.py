@@ -233,3 +233,24 @@ def test_a_chain_passes_other_splits_through_and_inputs_must_share_a_pool(world,
     other = fake_pool(tmp_path / "other", world["labels"])
     with pytest.raises(InputError, match="different pools"):
         resolve_pool({"shards": other, "clusters": world["clusters"]})
+
+
+def test_clear_errors_for_impossible_targets_and_missing_inputs(world, tmp_path):
+    from pipeline.stage import InputArtifact, PlanContext
+    from stages.prune import PruneParams, PruneStage
+
+    with pytest.raises(ValueError, match="below the per-cluster floor of 6"):
+        prune({"method": "dbp"}, {"clusters": world["clusters"]}, count=5)
+    with pytest.raises(ValueError, match="count 601 is more than the 600"):
+        prune({"method": "random"}, {"shards": world["pool"]}, count=601)
+    test_only = fake_clusters(tmp_path / "cl", world["pool"], np.zeros(30, dtype=int), np.zeros(30),
+                              unit(world["rng"], 1), split="test")
+    with pytest.raises(InputError, match="none of the 600 candidate rows has a cluster"):
+        prune({"method": "ssp"}, {"clusters": test_only}, count=5)
+    params = PruneParams.model_validate({"method": "dbp", "fraction": 0.5})
+    inputs = {"shards": InputArtifact(world["pool"])}
+    with pytest.raises(InputError, match="needs the input\\(s\\) clusters"):
+        PruneStage().plan(inputs, params, PlanContext(tmp_path / "out", inputs))
+    with pytest.raises(ValueError, match="needs a target size"):
+        PruneParams.model_validate({"method": "ssp"})
+    assert PruneParams.model_validate({"method": "clip-score", "threshold": 0.3}).method["threshold"] == 0.3
