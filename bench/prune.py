@@ -2,7 +2,7 @@
 
     python bench/prune.py quota                  # DBP quotas: the closed form against OSQP (the released code's solver)
     python bench/prune.py scale [--pool DIR]     # CIFAR-10: DBP prune 50 % + export, against a copy floor
-    python bench/prune.py accuracy               # digits: methods at 50 % / 10 % kept, mean ± std over seeds
+    python bench/prune.py accuracy [--work DIR]  # digits: methods at 50 % / 10 % kept, mean ± std over seeds
 
 ``quota``: per k (clusters; sizes log-normal like web-scale clusters), the time of our exact projection + rounding,
 of OSQP through qpsolvers (tight tolerances, and the released code's call with OSQP's defaults + rint), how far
@@ -69,21 +69,21 @@ def bench_quota() -> dict:
             t_tight, x_tight = timed(lambda: qpsolvers.solve_qp(*args, eps_abs=1e-9, eps_rel=1e-9, polish=True,
                                                                  max_iter=500_000, **kw), 1)
             t_code, x_code = timed(lambda: qpsolvers.solve_qp(*args, **kw), 1)
-        obj = lambda v: 0.5 * float(np.sum((v - n * prob) ** 2))  # noqa: E731
         rows[str(k)] = {
             "n": n, "clusters_capped": int((q == sizes).sum()),
             "ours_ms": round(1000 * t_ours, 3), "rounding_ms": round(1000 * t_round, 3),
             "ours_sum_minus_n": float(x.sum() - n), "rounded_sum_minus_n": int(q.sum() - n),
             "osqp_tight_ms": round(1000 * t_tight, 1),
             "osqp_tight_max_abs_diff": float(np.max(np.abs(x_tight - x))),
-            "osqp_tight_objective_excess": obj(np.clip(x_tight, lb, ub)) - obj(x),
+            "osqp_tight_sum_minus_n": float(x_tight.sum() - n),  # its objective can dip below the optimum by this
             "osqp_default_ms": round(1000 * t_code, 1),
             "osqp_default_max_abs_diff": float(np.max(np.abs(x_code - x))),
             "released_code_rint_misses_n_by": int(np.rint(x_code).sum() - n),
             "redistribute_max_abs_diff": float(np.max(np.abs(redistribute(n * prob, n, lb, ub) - x))),
         }
         r = rows[str(k)]
-        print(f"k={k:6d}  ours {r['ours_ms']:.2f} ms (+{r['rounding_ms']:.2f} rounding, sum-N {r['rounded_sum_minus_n']})"
+        print(f"k={k:6d}  ours {r['ours_ms']:.2f} ms (+{r['rounding_ms']:.2f} rounding, "
+              f"sum-N {r['rounded_sum_minus_n']})"
               f"  osqp tight {r['osqp_tight_ms']:.0f} ms (max diff {r['osqp_tight_max_abs_diff']:.1e})"
               f"  osqp default {r['osqp_default_ms']:.0f} ms (max diff {r['osqp_default_max_abs_diff']:.2f},"
               f" rint misses N by {r['released_code_rint_misses_n_by']})"
@@ -135,9 +135,9 @@ def bench_scale(pool: Path | None) -> dict:
             Client(cluster) as client:
         if pool is None:
             t0 = time.perf_counter()
-            pool = run({"name": "c10", "output_dir": str(work / "shard"), "source": {"kind": "tar",
-                        "path": str(DEFAULT_CIFAR)}, "stages": [{"name": "shard", "params": {"samples_per_shard": 10000}}]},
-                       client)[0].path
+            pool = run({"name": "c10", "output_dir": str(work / "shard"),
+                        "source": {"kind": "tar", "path": str(DEFAULT_CIFAR)},
+                        "stages": [{"name": "shard", "params": {"samples_per_shard": 10000}}]}, client)[0].path
             result["shard_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         clusters = pixel_clusters(pool, work / "clusters", 100)
@@ -179,14 +179,15 @@ def bench_scale(pool: Path | None) -> dict:
     run_s = exp["timings"].get("run") or exp["timings"].get("total")
     print(json.dumps(result, indent=2))
     if run_s:
-        print(f"export run phase {run_s:.2f} s for {exp['counts']['out']} samples; one-process copy floor {t_floor:.2f} s")
+        print(f"export run phase {run_s:.2f} s for {exp['counts']['out']} samples; "
+              f"one-process copy floor {t_floor:.2f} s")
     return {"scale": result}
 
 
-def bench_accuracy() -> dict:
+def bench_accuracy(work: Path | None) -> dict:
     from distributed import Client, LocalCluster
 
-    work = Path(tempfile.mkdtemp(prefix="prune-acc-"))
+    work = work or Path(tempfile.mkdtemp(prefix="prune-acc-"))  # an earlier --work reuses every cached step
     net = {"epochs": 60, "network_kwargs": {"width": 32}, "normalization": {"kind": "pool"}}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
@@ -200,6 +201,10 @@ def bench_accuracy() -> dict:
                    "margin-hard": ({"method": "margin"}, {"teacher": str(teacher), "shards": str(pool)}),
                    "margin-easy": ({"method": "margin", "which_to_keep": "easy"}, {"teacher": str(teacher),
                                                                                    "shards": str(pool)}),
+                   "margin-hard-balanced": ({"method": "margin", "class_balanced": True},
+                                            {"teacher": str(teacher), "shards": str(pool)}),
+                   "margin-easy-balanced": ({"method": "margin", "which_to_keep": "easy", "class_balanced": True},
+                                            {"teacher": str(teacher), "shards": str(pool)}),
                    "ssp-hard": ({"method": "ssp"}, {"clusters": str(clusters)}),
                    "dbp": ({"method": "dbp"}, {"clusters": str(clusters)})}
         stages = []
@@ -213,19 +218,25 @@ def bench_accuracy() -> dict:
                                           "baseline": name == "random"}})
         t0 = time.perf_counter()
         res = run({"name": "acc", "output_dir": str(work / "run"), "stages": stages}, client)
+    import pyarrow.parquet as pq
+
     table = {}
+    paths = {r.name: r.path for r in res}
     for r in res:
         if not r.name.startswith("val-"):
             continue
         mt = json.loads((r.path / "metrics.json").read_text())
+        labels = pq.read_table(paths[r.name[4:]] / "kept.parquet", columns=["label"]).column("label").to_numpy()
         table[r.name[4:]] = {"n_train": mt["n_train"], "top1_mean": round(mt["top1_mean"], 2),
-                             "top1_std": round(mt["top1_std"], 2), "per_seed": mt["per_seed"]}
+                             "top1_std": round(mt["top1_std"], 2), "per_seed": mt["per_seed"],
+                             "kept_per_class": np.bincount(labels, minlength=10).tolist()}
         if "random_baseline" in mt:
             b = mt["random_baseline"]
             table[r.name[4:] + " (validate's same-size random baseline)"] = {
                 "n_train": b["n_train"], "top1_mean": round(b["top1_mean"], 2), "top1_std": round(b["top1_std"], 2)}
     for k, v in table.items():
-        print(f"{k:50s} n={v['n_train']:5d}  top-1 {v['top1_mean']:6.2f} ± {v['top1_std']:.2f}")
+        print(f"{k:50s} n={v['n_train']:5d}  top-1 {v['top1_mean']:6.2f} ± {v['top1_std']:.2f}  "
+              f"{v.get('kept_per_class', '')}")
     oof = json.loads((teacher / "metrics.json").read_text())["oof_top1"]
     return {"accuracy": {"table": table, "teacher_oof_top1": oof, "recipe": "standard-dd", "overrides": net,
                          "seeds": [0, 1, 2], "total_s": round(time.perf_counter() - t0, 1)}}
@@ -235,9 +246,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["quota", "scale", "accuracy"])
     ap.add_argument("--pool", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=None, help="accuracy: a directory to run in (and reuse)")
     args = ap.parse_args()
     os.environ.setdefault("DISTILLERY_CACHE_DIR", tempfile.mkdtemp(prefix="prune-bench-cache-"))
-    out = {"quota": bench_quota, "scale": lambda: bench_scale(args.pool), "accuracy": bench_accuracy}[args.what]()
+    out = {"quota": bench_quota, "scale": lambda: bench_scale(args.pool),
+           "accuracy": lambda: bench_accuracy(args.work)}[args.what]()
     print("wrote", write_result(f"prune-{args.what}", out))
 
 
