@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,17 +214,8 @@ class ShardStage(Stage[ShardParams]):
                     rows.append(s.row)  # type: ignore[arg-type]
                 else:
                     rejects.append(outputs.reject_row(s, split, shard))
-        pq.write_table(outputs.to_table(rows, outputs.SHARD_SCHEMA), ctx.output(f"{stem}.parquet"))
-        pq.write_table(outputs.to_table(rejects, outputs.REJECT_SCHEMA), ctx.output(f"{stem}_rejects.parquet"))
-        reasons = Counter(r["reason"].split(":")[0] for r in rejects)
-        info = {"shard": shard, "split": split, "count": refs.num_rows, "successes": len(rows),
-                "failed": len(rejects), "reasons": dict(sorted(reasons.items())),
-                "bytes": sum(r["bytes"] for r in rows), "labelled": sum(r["label"] is not None for r in rows),
-                "captioned": sum(r["caption"] is not None for r in rows),
-                "stats": stats.result() if stats.images or stats.skipped else None}
-        with open(ctx.output(f"{stem}_stats.json"), "w") as f:  # the done-marker: committed last
-            json.dump(info, f, indent=2, sort_keys=True)
-        return info
+        return outputs.write_shard_outputs(ctx, stem, shard, split, refs.num_rows, rows, rejects,
+                                           stats=stats.result() if stats.images or stats.skipped else None)
 
     # -- driver --------------------------------------------------------------------------------------
     def finalize(self, parts: list[PartRecord], params: ShardParams, ctx: FinalizeContext) -> Summary:
@@ -242,15 +232,7 @@ class ShardStage(Stage[ShardParams]):
             with atomic_path(ctx.path("duplicates.parquet")) as tmp:
                 outputs.concat_parquet(reject_files, tmp, DUPLICATES_SCHEMA, keep=_duplicate_rows)
             files.append("duplicates.parquet")
-        by_reason: Counter[str] = Counter()
-        splits: dict[str, dict[str, int]] = {}
-        for i in infos:
-            by_reason.update(i["reasons"])
-            s = splits.setdefault(i["split"], {"in": 0, "out": 0, "rejected": 0, "shards": 0})
-            s["in"] += i["count"]
-            s["out"] += i["successes"]
-            s["rejected"] += i["failed"]
-            s["shards"] += 1
+        splits, by_reason = outputs.split_counts(infos)
         counts = {
             "in": sum(i["count"] for i in infos), "out": n_out, "rejected": n_rejected,
             "rejected_by_reason": dict(sorted(by_reason.items())), "splits": splits, "shards": len(parts),

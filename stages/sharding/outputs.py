@@ -2,9 +2,11 @@
 and how to read the shards back."""
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +43,40 @@ def reject_row(s: Sample, split: str, shard: int) -> dict[str, Any]:
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+class Outputs(Protocol):  # pipeline.stage.TaskContext
+    def output(self, relpath: str) -> Path: ...
+
+
+def write_shard_outputs(ctx: Outputs, stem: str, shard: int, split: str, count: int, rows: list[dict[str, Any]],
+                        rejects: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A shard's parquet, its rejects and its ``_stats.json`` done-marker (requested last, so committed last);
+    returns the task's info (the done-marker's content)."""
+    pq.write_table(to_table(rows, SHARD_SCHEMA), ctx.output(f"{stem}.parquet"))
+    pq.write_table(to_table(rejects, REJECT_SCHEMA), ctx.output(f"{stem}_rejects.parquet"))
+    reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+    info = {"shard": shard, "split": split, "count": count, "successes": len(rows),
+            "failed": len(rejects), "reasons": dict(sorted(reasons.items())),
+            "bytes": sum(r["bytes"] for r in rows), "labelled": sum(r["label"] is not None for r in rows),
+            "captioned": sum(r["caption"] is not None for r in rows), **extra}
+    with open(ctx.output(f"{stem}_stats.json"), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return info
+
+
+def split_counts(infos: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], Counter[str]]:
+    """Per split in/out/rejected/shards, and the reject reasons over all shards, from the tasks' infos."""
+    by_reason: Counter[str] = Counter()
+    splits: dict[str, dict[str, int]] = {}
+    for i in infos:
+        by_reason.update(i["reasons"])
+        s = splits.setdefault(i["split"], {"in": 0, "out": 0, "rejected": 0, "shards": 0})
+        s["in"] += i["count"]
+        s["out"] += i["successes"]
+        s["rejected"] += i["failed"]
+        s["shards"] += 1
+    return splits, by_reason
 
 
 def concat_parquet(paths: Iterable[Path], out: Path, schema: pa.Schema,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -160,9 +161,11 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     the workers' batches in a fixed round-robin order.
     """
 
-    def __init__(self, tars: list[str], size: int | None, batch_size: int, shuffle: int, seed: int) -> None:
+    def __init__(self, tars: list[str], size: int | None, batch_size: int, shuffle: int, seed: int,
+                 keys: frozenset[str] | None = None) -> None:
         super().__init__()
         self.tars, self.size, self.batch_size, self.shuffle, self.seed = tars, size, batch_size, shuffle, seed
+        self.keys = keys  # only these samples (a selection of the split), when given
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         import webdataset as wds
@@ -173,8 +176,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         mine = [self.tars[i] for i in list(order)[worker::workers]]
         if not mine:
             return
+        only = {} if self.keys is None else {"select_files": partial(member_in, self.keys)}
         samples = wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                 empty_check=False).map(self._decode)
+                                 empty_check=False, **only).map(self._decode)
         if self.shuffle:
             samples = _buffer_shuffle(iter(samples), self.shuffle, np.random.default_rng([self.seed, worker]))
         batch: list[tuple[np.ndarray, int]] = []
@@ -195,10 +199,18 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         return np.stack([b[0] for b in batch]), np.array([b[1] for b in batch], dtype=np.int64)
 
 
+def member_in(keys: frozenset[str], name: str) -> bool:
+    """Whether a tar member (``{key}.{ext}``) belongs to one of ``keys``: webdataset's ``select_files`` filter,
+    so the members of other samples are skipped before they are decoded."""
+    return name.rsplit("/", 1)[-1].split(".", 1)[0] in keys
+
+
 def stream_batches(artifact: str | os.PathLike[str], split: str, batch_size: int, *, size: int | None = None,
-                   num_workers: int = 2, shuffle: int = 1000, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   num_workers: int = 2, shuffle: int = 1000, seed: int = 0,
+                   keys: frozenset[str] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of (uint8 N x H x W x 3, int64 labels) streamed from the shards with DataLoader workers; the same
-    ``seed`` and worker count give the same batches, every sample once per pass (``shuffle=0``: shard order)."""
+    ``seed`` and worker count give the same batches, every sample once per pass (``shuffle=0``: shard order).
+    ``keys``: only those samples (a selection)."""
     import multiprocessing
 
     tars = sorted(str(p) for p in (Path(artifact) / "shards" / split).glob("*.tar"))
@@ -206,7 +218,7 @@ def stream_batches(artifact: str | os.PathLike[str], split: str, batch_size: int
         raise DataError(f"{artifact}: no shards for split '{split}'")
     if multiprocessing.current_process().daemon:  # a Dask worker started with daemon=True cannot fork loaders
         num_workers = 0
-    ds = _ShardBatches(tars, size, batch_size, shuffle, seed)
+    ds = _ShardBatches(tars, size, batch_size, shuffle, seed, keys)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(tars)))
     for images, labels in loader:  # the loader converts to tensors; hand back arrays as documented
         yield np.asarray(images), np.asarray(labels, dtype=np.int64)
@@ -225,20 +237,23 @@ class ShardStream:
     """A split of a shard artifact as a ``trainer.BatchStream``: decoded on DataLoader workers, never all in memory."""
 
     def __init__(self, artifact: str | os.PathLike[str], split: str = "train", size: int | None = None,
-                 num_workers: int = 2, shuffle: int = 2000) -> None:
+                 num_workers: int = 2, shuffle: int = 2000, uids: Sequence[str] | None = None) -> None:
         self.artifact, self.split, self.size = Path(artifact), split, size
-        self.num_workers, self.shuffle = num_workers, shuffle
-        self._n = read_index(self.artifact, split).num_rows
+        self.num_workers, self.shuffle, self.uids = num_workers, shuffle, uids
+        index = read_index(self.artifact, split, uids)
+        self._n = index.num_rows
+        self.keys = None if uids is None else frozenset(index.column("key").to_pylist())
 
     def __len__(self) -> int:
         return self._n
 
     def sample(self, n: int):
-        rows = read_index(self.artifact, self.split).slice(0, n).to_pylist()
+        rows = read_index(self.artifact, self.split, self.uids).slice(0, n).to_pylist()
         return torch.from_numpy(decode_rows(self.artifact, self.split, rows, self.size)), \
             torch.tensor([r["label"] for r in rows])
 
     def batches(self, batch_size: int, seed: int):
         for images, labels in stream_batches(self.artifact, self.split, batch_size, size=self.size,
-                                             num_workers=self.num_workers, shuffle=self.shuffle, seed=seed):
+                                             num_workers=self.num_workers, shuffle=self.shuffle, seed=seed,
+                                             keys=self.keys):
             yield torch.from_numpy(np.asarray(images)), torch.from_numpy(np.asarray(labels))

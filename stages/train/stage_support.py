@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import Artifact
+from pipeline.errors import InputError
 from pipeline.stage import InputArtifact, StageParams, TaskContext, execution_only
 from stages.train.image_data import ImageSet, decode_rows, load_images, sample_rows
 from stages.train.model_space import ChannelNorm, ModelSpace, channel_stats, fit_zca, fixed, load_space, save_space
@@ -61,9 +62,22 @@ def trainset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> Tr
                                                  ctx.cache_dir))
 
 
+def images_of(path: Path) -> Path:
+    """The shards artifact holding an artifact's images: itself, or the pool a selection (or another derived
+    artifact) records; so a selection's test split is its pool's."""
+    if (path / "index.parquet").is_file():
+        return path
+    from stages.sharding.pool import find_pool
+
+    try:
+        return find_pool(path)
+    except InputError:
+        return path
+
+
 def testset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> ImageSet:
     key = f"testset:{inp.path}:{params.test_split}:{params.image_size}"
-    return ctx.cached(key, lambda: load_images(inp.path, params.test_split, size=params.image_size,
+    return ctx.cached(key, lambda: load_images(images_of(inp.path), params.test_split, size=params.image_size,
                                                cache_dir=ctx.cache_dir))
 
 
@@ -80,7 +94,7 @@ def has_split(path: Path, split: str) -> bool:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    index = path / "index.parquet"
+    index = images_of(path) / "index.parquet"
     if not index.is_file():
         return False
     col = pq.read_table(index, columns=["split"]).column("split")

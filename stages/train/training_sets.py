@@ -1,7 +1,7 @@
 """What the trainer trains on, whatever artifact it comes from: images + hard or soft targets.
 
-Each artifact kind registers a loader under its kind in ``TRAINSETS`` (``shards`` and ``synthetic-set`` here;
-selections and labels register theirs where they are defined): consumers dispatch on the kind, never on the
+Each artifact kind registers a loader under its kind in ``TRAINSETS`` (``shards``, ``selection`` and
+``synthetic-set`` here; labels register theirs where they are defined): consumers dispatch on the kind, never on the
 name of the stage that made the artifact. A loader returns a ``TrainSet``: the images, their targets, the
 *pool* they were chosen from (so the validator can train the random-subset baseline of the same size under the
 same recipe), the artifact whose training split defines the model space, and for float sets the model space
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.artifacts import Artifact
 from pipeline.registry import Registry
-from stages.train.image_data import ImageSet, ShardStream, choose_mode, load_images
+from stages.train.image_data import MEMORY_LIMIT_BYTES, ImageSet, ShardStream, choose_mode, load_images
 from stages.train.losses import SoftLabels
 from stages.train.model_space import ModelSpace
 from stages.train.synthetic_set import SYNTHETIC_FILE, SYNTHETIC_KIND, load_synthetic_set
@@ -68,6 +69,35 @@ def _shards(path: Path, split: str, size: int | None, mode: str = "auto", cache_
                         pool_artifact=path, pool_split=split)
     return from_images(load_images(path, split, size=size, cache_dir=cache_dir), info={"mode": "memory"},
                        pool_artifact=path, pool_split=split)
+
+
+@TRAINSETS.register("selection")
+def _selection(path: Path, split: str, size: int | None, mode: str = "auto", cache_dir: Path | None = None) -> TrainSet:
+    """A selection's kept rows, read from its pool by offset (no export needed). The pool's split is decoded once
+    (cached) and the selection is its subset, so the pool is also what the same-size random baseline draws from and
+    its training split defines the model space. A pool too large to decode streams the selection instead (then
+    there is no baseline, and the metrics say why)."""
+    import pyarrow.compute as pc
+
+    from stages.train.image_data import decoded_bytes, read_index
+    from stages.train.loaders import load_rows
+
+    rows = load_rows(path, split)
+    if len(rows) == 0:
+        raise ValueError(f"{path}: the selection keeps no rows of split '{split}'")
+    info: dict[str, Any] = {"format": "selection", "selected": len(rows)}
+    pool_index = read_index(rows.pool, split)
+    if mode == "stream" or (mode == "auto" and decoded_bytes(pool_index, size) > MEMORY_LIMIT_BYTES):
+        stream = ShardStream(rows.pool, split, size, uids=rows.uids)
+        return TrainSet(stream, torch.zeros(0, dtype=torch.long), len(rows.classes), rows.classes, rows.uids,
+                        info={**info, "mode": "stream", "no_pool": "streamed: the pool is not decoded, so no random "
+                                                                  "baseline is drawn from it"},
+                        pool_artifact=rows.pool, pool_split=split)
+    pool = load_images(rows.pool, split, size=size, cache_dir=cache_dir)
+    chosen = np.flatnonzero(pc.is_in(pa.array(pool.uids, pa.string()),
+                                     value_set=rows.table["uid"].combine_chunks()).to_numpy(zero_copy_only=False))
+    return from_images(pool.subset(chosen), pool, info={**info, "mode": "memory", "pool_size": len(pool)},
+                       pool_artifact=rows.pool, pool_split=split)
 
 
 @TRAINSETS.register(SYNTHETIC_KIND)
