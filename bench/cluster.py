@@ -1,16 +1,20 @@
 """Benchmark: FAISS k-means (what the cluster stage runs) against scikit-learn's KMeans at equal inertia.
 
 Same embeddings, same k, same threads. scikit-learn runs with its defaults (k-means++ init, Lloyd, tol 1e-4) to
-convergence; its inertia (sum of squared distances to the nearest centroid, computed here the same way for both)
-is the reference. Each library is then timed at the fewest iterations that bring it within 1% of that
+convergence; its inertia (sum of squared distances to the nearest centroid, computed here the same way for all)
+is the reference. Each configuration is then timed at the fewest iterations that bring it within 1% of that
 reference (iterations are deterministic for a seed, so a shorter run is the prefix of a longer one): time to equal
-inertia, and the ratio. FAISS runs plain (L2) k-means here, because scikit-learn has no spherical variant; the
+inertia. scikit-learn gets three configurations and its fastest counts: its defaults on the float32 embeddings
+(k-means++ then computes distances through a slow float64 up-casting path), the embeddings as float64, and
+``init="random"`` on float32 (faiss's own initialisation). FAISS runs plain (L2) k-means here, because scikit-learn has no spherical variant; the
 stage's spherical fit at the same iterations is timed too (the same search per iteration plus a normalisation).
 
 Embeddings: an embeddings artifact's train rows (``--embeddings``), else CIFAR-10's 50,000 training images as
 192-d pixel vectors (8x8 RGB, centred, L2-normalised), a CIFAR-10-sized set with real structure.
 
-    python bench/cluster.py [--k 100] [--embeddings runs/x/embed] [--archive ../shared/data/cifar10-jpeg.tar]
+    python bench/cluster.py [--k 100] [--rounds 5] [--embeddings runs/x/embed] [--archive ../shared/data/cifar10-jpeg.tar]
+
+Results: ``bench/results/cluster.json`` (k = 100), ``cluster-k{k}.json`` otherwise.
 """
 from __future__ import annotations
 
@@ -54,12 +58,19 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return float(d.astype(np.float64).sum())
 
 
-def run_sklearn(x: np.ndarray, k: int, max_iter: int = 300, tol: float = 1e-4):
+SKLEARN = {"default (k-means++, float32)": ("k-means++", np.float32), "k-means++, float64": ("k-means++", np.float64),
+           "random init, float32": ("random", np.float32)}
+
+
+def run_sklearn(x: np.ndarray, k: int, max_iter: int = 300, tol: float = 1e-4, config: str = "default (k-means++, float32)"):
     from sklearn.cluster import KMeans
 
+    init, dtype = SKLEARN[config]
+    xs = x.astype(dtype)
     t0 = time.perf_counter()
-    km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, tol=tol, random_state=0, algorithm="lloyd").fit(x)
-    return time.perf_counter() - t0, km.cluster_centers_, int(km.n_iter_)
+    km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, tol=tol, init=init, random_state=0,
+                algorithm="lloyd").fit(xs)
+    return time.perf_counter() - t0, km.cluster_centers_.astype(np.float32), int(km.n_iter_)
 
 
 def run_faiss(x: np.ndarray, k: int, niter: int, spherical: bool = False):
@@ -85,14 +96,6 @@ def fewest(check, lo: int, hi: int) -> int | None:
     return lo
 
 
-def timed(fn, repeat: int = 3):
-    best = None
-    for _ in range(repeat):
-        out = fn()
-        best = out if best is None or out[0] < best[0] else best
-    return best
-
-
 def main() -> None:
     import faiss
     import sklearn
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--embeddings", type=Path, default=None, help="an embeddings artifact (its train rows)")
     ap.add_argument("--archive", type=Path, default=DEFAULT_CIFAR)
     ap.add_argument("--max-faiss-iter", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     threads = len(os.sched_getaffinity(0))
     faiss.omp_set_num_threads(threads)
@@ -124,28 +128,43 @@ def main() -> None:
         t_conv, c_sk, n_iter = run_sklearn(x, k)
         ref = inertia(x, c_sk)
         target = ref * (1 + TOLERANCE)
-        print(f"sklearn converged: {n_iter} iterations, {t_conv:.2f} s, inertia {ref:.2f}")
-        sk_iter = fewest(lambda m: inertia(x, run_sklearn(x, k, m, tol=0)[1]) <= target, 1, n_iter)
-        result["load"]["sklearn"] = machine_load()
-        t_sk, c_sk_m, _ = timed(lambda: run_sklearn(x, k, sk_iter, tol=0))
+        print(f"sklearn defaults converged: {n_iter} iterations, {t_conv:.2f} s, inertia {ref:.2f}")
+        result["sklearn_converged"] = {"iterations": n_iter, "seconds": round(t_conv, 3)}
+        runs = {}  # name -> a run at the fewest iterations that reach the target
+        for config in SKLEARN:
+            m = fewest(lambda m: inertia(x, run_sklearn(x, k, m, 0, config)[1]) <= target, 1, 300)
+            if m is not None:
+                runs[f"sklearn {config}"] = (m, lambda m=m, config=config: run_sklearn(x, k, m, 0, config)[:2])
         fa_iter = fewest(lambda m: inertia(x, run_faiss(x, k, m)[1]) <= target, 1, args.max_faiss_iter)
         if fa_iter is None:
             raise SystemExit(f"faiss did not reach {target:.2f} in {args.max_faiss_iter} iterations")
-        result["load"]["faiss"] = machine_load()
-        t_fa, c_fa = timed(lambda: run_faiss(x, k, fa_iter))
-        result["load"]["faiss_spherical"] = machine_load()
-        t_sph, _ = timed(lambda: run_faiss(x, k, fa_iter, spherical=True))
+        runs["faiss"] = (fa_iter, lambda: run_faiss(x, k, fa_iter))
+        runs["faiss spherical (the stage)"] = (fa_iter, lambda: run_faiss(x, k, fa_iter, spherical=True))
+        # the machine is shared: every configuration runs once a round, rounds repeat, the best of each counts
+        best_run: dict[str, tuple[float, np.ndarray]] = {}
+        for r in range(args.rounds):
+            result["load"][f"round {r}"] = machine_load()
+            for name, (_, fn) in runs.items():
+                t, c = fn()
+                if name not in best_run or t < best_run[name][0]:
+                    best_run[name] = (t, c)
+    result["runs"] = {name: {"iterations": runs[name][0], "seconds": round(t, 3),
+                             "inertia": inertia(x, c) if "spherical" not in name else None}
+                      for name, (t, c) in best_run.items()}
+    for name, v in result["runs"].items():
+        print(f"{name}: {v['iterations']} iterations, {v['seconds']:.3f} s")
+    t_fa = best_run["faiss"][0]
+    sk = {name: t for name, (t, _) in best_run.items() if name.startswith("sklearn")}
+    fastest = min(sk, key=sk.get)
+    default = sk.get("sklearn default (k-means++, float32)")
     result.update({
-        "reference_inertia": ref, "target_inertia": target,
-        "sklearn_converged": {"iterations": n_iter, "seconds": round(t_conv, 3)},
-        "sklearn": {"iterations": sk_iter, "seconds": round(t_sk, 3), "inertia": inertia(x, c_sk_m)},
-        "faiss": {"iterations": fa_iter, "seconds": round(t_fa, 3), "inertia": inertia(x, c_fa)},
-        "faiss_spherical_same_iterations_seconds": round(t_sph, 3),
-        "speedup_at_equal_inertia": round(t_sk / t_fa, 2),
+        "reference_inertia": ref, "target_inertia": target, "sklearn_fastest": fastest,
+        "speedup_vs_fastest_sklearn": round(sk[fastest] / t_fa, 2),
+        "speedup_vs_sklearn_defaults": round(default / t_fa, 2) if default else None,
     })
-    print(f"to within {TOLERANCE:.0%} of {ref:.2f}: sklearn {sk_iter} it {t_sk:.2f} s, faiss {fa_iter} it "
-          f"{t_fa:.2f} s -> {t_sk / t_fa:.1f}x (spherical faiss {t_sph:.2f} s)")
-    print(write_result("cluster", result))
+    print(f"to within {TOLERANCE:.0%} of {ref:.2f}: faiss {t_fa:.3f} s; fastest sklearn ({fastest}) {sk[fastest]:.3f} s "
+          f"-> {sk[fastest] / t_fa:.2f}x; sklearn defaults -> {result['speedup_vs_sklearn_defaults']}x")
+    print(write_result("cluster" if k == 100 else f"cluster-k{k}", result))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@
 * ``per-row loop``: what a straightforward implementation does, one matrix-vector product per member against all
   earlier members (numpy, same threads);
 * ``per-pair loop``: a Python loop over pairs (timed on a smaller cluster; its rate does not depend on size);
-* ``whole matrix``: the released code's computation (the full n x n matrix, then the upper triangle), for
-  reference: it needs n^2 floats of memory.
+* ``whole matrix``: the released code's computation (torch: the full n x n matrix, ``triu(diagonal=1)``, column
+  max), for reference: it needs n^2 floats of memory (its zeros below the diagonal are harmless here, every
+  similarity in a cluster-like set being positive).
 
 Every method's M_j is checked against the whole-matrix one. Pairs are n(n-1)/2 per cluster.
 
-    python bench/dedup.py [--n 8000] [--dim 512]
+    python bench/dedup.py [--n 8000,30000] [--dim 512]
+
+At 8,000 x 512 the cluster (16 MB float32) fits in this machine's 32 MiB L3 and a per-row loop is nearly as fast;
+at 30,000 (61 MB) it does not.
 """
 from __future__ import annotations
 
@@ -38,6 +42,15 @@ def cluster(n: int, d: int, seed: int = 0) -> np.ndarray:
     return unit_rows(x)
 
 
+def whole_matrix(e: np.ndarray) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(e)
+    m = torch.triu(t @ t.T, diagonal=1).max(0)[0].numpy()
+    m[0] = -np.inf
+    return m
+
+
 def per_row(e: np.ndarray) -> np.ndarray:
     m = np.full(len(e), -np.inf, dtype=np.float32)
     for j in range(1, len(e)):
@@ -58,24 +71,13 @@ def per_pair(e: np.ndarray) -> np.ndarray:
     return m
 
 
-def main() -> None:
-    import torch
-
+def measure(n: int, args: argparse.Namespace) -> dict:
     from stages.clustering.semdedup import pairwise_pass, reference_max_similarity
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=8000)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--pair-n", type=int, default=600, help="cluster size for the per-pair Python loop")
-    args = ap.parse_args()
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    e = cluster(args.n, args.dim)
-    pairs = args.n * (args.n - 1) // 2
-    ref, _ = reference_max_similarity(e)
-    out: dict = {"n": args.n, "dim": args.dim, "batch": args.batch, "pairs": pairs, "threads": threads,
-                 "device": "cpu", "methods": {}, "load": {}}
+    e = cluster(n, args.dim)
+    pairs = n * (n - 1) // 2
+    ref, _ = reference_max_similarity(e[:args.check_n])  # M_j of the first rows depends on those rows only
+    out: dict = {"n": n, "pairs": pairs, "methods": {}, "load": {}}
 
     def record(name: str, seconds: float, m: np.ndarray, n_pairs: int = pairs) -> None:
         k = min(len(m), len(ref))
@@ -84,33 +86,52 @@ def main() -> None:
             raise SystemExit(f"{name}: M_j differs from the whole-matrix reference by {err}")
         out["methods"][name] = {"seconds": round(seconds, 4), "pairs_per_s": round(n_pairs / seconds),
                                 "max_abs_error": err}
-        print(f"{name:28s} {seconds:8.3f} s  {n_pairs / seconds:14,.0f} pairs/s")
+        print(f"n={n:6d} {name:28s} {seconds:8.3f} s  {n_pairs / seconds:14,.0f} pairs/s")
 
+    res: list = [None]
     out["load"]["batched"] = machine_load()
-    res = [None]
     t = best_of(lambda: res.__setitem__(0, pairwise_pass(e, batch=args.batch)))
     record("batched", t, res[0].max_sim)
     out["load"]["batched_exact"] = machine_load()
     t = best_of(lambda: res.__setitem__(0, pairwise_pass(e, [0.99, 0.95, 0.9], batch=args.batch)))
     record("batched + exact rule", t, res[0].max_sim)
-    out["load"]["whole_matrix"] = machine_load()
-    t = best_of(lambda: reference_max_similarity(e), repeat=1)
-    record("whole matrix (n^2 memory)", t, ref)
+    if n <= args.whole_max:
+        out["load"]["whole_matrix"] = machine_load()
+        t = best_of(lambda: res.__setitem__(0, whole_matrix(e)))
+        record("whole matrix (n^2 memory)", t, res[0])
     out["load"]["per_row"] = machine_load()
-    m = [None]
-    t = best_of(lambda: m.__setitem__(0, per_row(e)), repeat=1)
-    record("per-row loop", t, m[0])
+    t = best_of(lambda: res.__setitem__(0, per_row(e)), repeat=1)
+    record("per-row loop", t, res[0])
     small = e[:args.pair_n]
     out["load"]["per_pair"] = machine_load()
-    t = best_of(lambda: m.__setitem__(0, per_pair(small)), repeat=1)
-    record("per-pair loop", t, m[0], args.pair_n * (args.pair_n - 1) // 2)
+    t = best_of(lambda: res.__setitem__(0, per_pair(small)), repeat=1)
+    record("per-pair loop", t, res[0], args.pair_n * (args.pair_n - 1) // 2)
     rates = {k: v["pairs_per_s"] for k, v in out["methods"].items()}
     out["speedup_vs_per_row"] = round(rates["batched"] / rates["per-row loop"], 1)
     out["speedup_vs_per_pair"] = round(rates["batched"] / rates["per-pair loop"], 1)
     out["exact_rule_overhead"] = round(out["methods"]["batched + exact rule"]["seconds"]
                                        / out["methods"]["batched"]["seconds"], 2)
-    print(f"batched: {out['speedup_vs_per_row']}x the per-row loop, {out['speedup_vs_per_pair']}x the per-pair loop")
-    print(write_result("dedup", out))
+    print(f"n={n}: batched {out['speedup_vs_per_row']}x the per-row loop, {out['speedup_vs_per_pair']}x the "
+          "per-pair loop")
+    return out
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", default="8000,30000", help="cluster sizes, comma-separated")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--pair-n", type=int, default=600, help="cluster size for the per-pair Python loop")
+    ap.add_argument("--check-n", type=int, default=4000, help="rows checked against the float64 whole-matrix M_j")
+    ap.add_argument("--whole-max", type=int, default=16000, help="largest n for the whole-matrix method")
+    args = ap.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    sizes = [measure(int(n), args) for n in args.n.split(",")]
+    print(write_result("dedup", {"dim": args.dim, "batch": args.batch, "threads": threads, "device": "cpu",
+                                 "sizes": sizes}))
 
 
 if __name__ == "__main__":

@@ -135,8 +135,7 @@ class DedupStage(Stage[DedupParams]):
         if assigned.num_rows != len(rows) or not assigned["key"].equals(meta["key"].take(pa.array(rows))):
             raise InputError(f"{clusters / assign_file(n)}: rows do not match embeddings part {n}")
         vec = part_vectors(emb, n, rows).astype(np.float16)
-        width = 2 * vec.shape[1] if vec.ndim == 2 else 0
-        packed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(vec),
+        packed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * vec.shape[1]), len(vec),
                                                       [None, pa.py_buffer(np.ascontiguousarray(vec).tobytes())])
         table = assigned.append_column("emb", packed)
         return {"part": n, "rows": table.num_rows,
@@ -182,9 +181,8 @@ class DedupStage(Stage[DedupParams]):
                                  for d in done if d["rows"]])
         n = rows.num_rows
         drop = rows["dropped"]
-        base = ["key", "uid", "split", "shard", "label", "cluster", "distance"]
-        kept = rows.filter(pc.invert(drop)).select(base).sort_by("key")
-        dropped = rows.filter(drop).select([*base, "duplicate_of", "similarity"]).sort_by("key")
+        kept = rows.filter(pc.invert(drop)).select(ROW_COLUMNS).sort_by("key")
+        dropped = rows.filter(drop).select([*ROW_COLUMNS, "duplicate_of", "similarity"]).sort_by("key")
         dropped = dropped.add_column(5, "reason", pa.array(["duplicate"] * dropped.num_rows, pa.string()))
         files = write_selection(ctx.out_dir, kept, dropped)
         # every member with a near-duplicate earlier in its cluster, at the loosest eps (re-threshold any eps in it)
