@@ -29,7 +29,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CIFAR, best_of, cpu_busy, write_result  # noqa: E402
+from common import DEFAULT_CIFAR, best_of, machine_load, write_result  # noqa: E402
 
 LOAD: dict[str, dict[str, float]] = {}
 CPU: dict[str, float] = {}
@@ -38,7 +38,7 @@ CPU: dict[str, float] = {}
 def loaded(name: str) -> None:
     """Record how busy the shared machine is just before a measurement (1-minute load average, which also
     counts this benchmark's previous steps, and the busy fraction of the cores in the last second)."""
-    LOAD[name] = {"load_1min": round(os.getloadavg()[0], 2), "others_busy": cpu_busy()}
+    LOAD[name] = machine_load()
 
 
 def tar_floor(archive: Path, work: Path) -> float:

@@ -1,4 +1,5 @@
-"""The cluster stage on the digits pool: fit on a sample, assign every part, the cluster table, resume."""
+"""The cluster stage on the digits pool: fit on a sample, assign every part, the cluster table, resume (named apart from
+tests/pipeline/test_cluster.py, the Dask cluster profiles: test modules need unique basenames)."""
 from __future__ import annotations
 
 import json
