@@ -35,6 +35,24 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy during ``seconds`` while this benchmark sleeps: other people's work."""
+    def snap() -> tuple[int, int]:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return round(1 - (i1 - i0) / max(t1 - t0, 1), 2)
+
+
+def machine_load() -> dict[str, float]:
+    """How busy the shared machine is just before a measurement: the 1-minute load average and the busy fraction
+    of the cores in the last second (other people's work)."""
+    return {"load_1min": round(os.getloadavg()[0], 2), "others_busy": cpu_busy()}
+
+
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):

@@ -29,28 +29,16 @@ from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CIFAR, best_of, write_result  # noqa: E402
+from common import DEFAULT_CIFAR, best_of, machine_load, write_result  # noqa: E402
 
 LOAD: dict[str, dict[str, float]] = {}
 CPU: dict[str, float] = {}
 
 
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Fraction of all cores busy during ``seconds`` while this benchmark sleeps: other people's work."""
-    def snap() -> tuple[int, int]:
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    t0, i0 = snap()
-    time.sleep(seconds)
-    t1, i1 = snap()
-    return round(1 - (i1 - i0) / max(t1 - t0, 1), 2)
-
-
 def loaded(name: str) -> None:
     """Record how busy the shared machine is just before a measurement (1-minute load average, which also
     counts this benchmark's previous steps, and the busy fraction of the cores in the last second)."""
-    LOAD[name] = {"load_1min": round(os.getloadavg()[0], 2), "others_busy": cpu_busy()}
+    LOAD[name] = machine_load()
 
 
 def tar_floor(archive: Path, work: Path) -> float:

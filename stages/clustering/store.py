@@ -6,6 +6,9 @@
                                   distance = 1 - cos(x, own centroid)
     clusters.parquet              cluster, size, d_intra (mean member distance), d_inter (mean distance to the l
                                   nearest other centroids)
+
+The manifest's metrics name ``parts`` (the embeddings parts, in order), ``splits`` (the clustered splits; null =
+every split), ``n_clusters`` and the ``pool``. The cluster stage (``stages/cluster.py``) writes it.
 """
 from __future__ import annotations
 
