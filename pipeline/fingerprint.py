@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 import importlib.util
 import sys
 from functools import lru_cache
@@ -54,9 +55,12 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
             out.update(f"{root}.{a.name}" for a in node.names)  # ``from pkg import submodule``
     return {m for m in out if m.split(".")[0] in PLUGIN_PACKAGES}
 
+_PARSE_LOCK = threading.Lock()
+
 
 def _normalised(source: str) -> str:
-    tree = ast.parse(source)
+    with _PARSE_LOCK:  # CPython 3.11's ast.parse is not thread-safe (parallel stages identify in threads)
+        tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
@@ -91,7 +95,10 @@ def closure(module: str) -> dict[str, Path]:
 
 @lru_cache(maxsize=None)
 def _file_imports(path: str, mtime_ns: int, size: int, name: str, is_package: bool) -> tuple[str, ...]:
-    return tuple(sorted(_imports(ast.parse(Path(path).read_text()), name, is_package)))
+    text = Path(path).read_text()
+    with _PARSE_LOCK:
+        tree = ast.parse(text)
+    return tuple(sorted(_imports(tree, name, is_package)))
 
 
 @lru_cache(maxsize=None)

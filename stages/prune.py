@@ -76,6 +76,7 @@ class PruneStage(Stage[PruneParams]):
     Params = PruneParams
     input_kinds = {"clusters": ("clusters",), "embeddings": ("embeddings",), "teacher": ("model",),
                    "selection": ("selection",), "shards": ("shards",)}
+    optional_inputs = ("clusters", "embeddings", "teacher", "selection", "shards")  # the method says which it reads
     output_kind = "selection"
 
     def plan(self, inputs: dict[str, InputArtifact], params: PruneParams, ctx: PlanContext) -> list[Task]:
