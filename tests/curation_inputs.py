@@ -1,11 +1,11 @@
-"""Inputs for the curation stages' tests, until the embed stage lands: embeddings artifacts written with the
-shared format (``write_part``) and a manifest, from given vectors or from a teacher's penultimate features (what
-the ``checkpoint:`` embedder computes: ``load_teacher(path).net.forward_features(space.encode(uint8 NCHW))``)."""
+"""Inputs for the curation stages' tests: embeddings artifacts with known vectors (pixels, planted geometry) written
+in the shared format (``write_part``) with a manifest, where a test needs vectors it controls rather than an
+embedder's; and CIFAR-10 images with planted near-copies."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -64,25 +64,6 @@ def embed_shards(out: Path, shards: Path, features: Callable[[np.ndarray, pa.Tab
 
     return write_embeddings(out, parts(), shards)
 
-
-def teacher_features(teacher_artifact: Path, batch: int = 512) -> Callable[[np.ndarray, pa.Table], np.ndarray]:
-    """The ``checkpoint:`` embedder's computation: penultimate features of a trained teacher, in its model space."""
-    import torch
-
-    from stages.teacher import load_teacher
-
-    teacher = load_teacher(teacher_artifact)
-
-    @torch.no_grad()
-    def features(images: np.ndarray, _: pa.Table) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return torch.cat([teacher.net.forward_features(teacher.space.encode(x[i:i + batch]))
-                          for i in range(0, len(x), batch)]).numpy()
-
-    return features
-
-
-# -- planted near-duplicates --------------------------------------------------------------------------------------
 
 def _jpeg(img, quality: int) -> bytes:
     import io

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_pipeline, tree_bytes
 from curation_inputs import shard_tables, write_embeddings
+
 from stages.clustering.semdedup import keep_order, reference_max_similarity
 from stages.clustering.store import load_assignments
 from stages.selections.store import datacomp_contains, load_selection
@@ -202,22 +202,25 @@ def teacher(epochs: int) -> dict:
 
 
 def planted_images_run(tmp, client, per_class, originals, eps, n_clusters, epochs):
-    """Shard CIFAR-10 images with planted near-copies, train a teacher on them, embed with its penultimate
-    features, cluster, dedup; returns (selection, planted group by key or None, dedup manifest)."""
+    """Shard CIFAR-10 images with planted near-copies, train a teacher on them, embed with its penultimate features
+    through the embed stage (``checkpoint:`` bound to that teacher), cluster, dedup: one pipeline; returns
+    (selection, planted group by key or None, dedup manifest)."""
     from conftest import CIFAR_TAR
-    from curation_inputs import embed_shards, plant_near_duplicates, teacher_features
+    from curation_inputs import plant_near_duplicates
 
     if not CIFAR_TAR.is_file():
         pytest.skip(f"CIFAR-10 archive not found at {CIFAR_TAR}")
     groups = plant_near_duplicates(CIFAR_TAR, tmp / "src", per_class, originals)
-    shards, model = run_pipeline({
+    res = run_pipeline({
         "name": "nd", "output_dir": str(tmp / "run"), "source": {"kind": "folder", "path": str(tmp / "src")},
         "stages": [{"name": "shard", "params": {"samples_per_shard": 2000, "sample_grid": False}},
-                   {"name": "teacher", "params": {**teacher(epochs), "device": "cpu"}}]}, client)
-    emb = embed_shards(tmp / "embed", shards.path, teacher_features(model.path))
-    _, dedup = run_pipeline({"name": "nd", "output_dir": str(tmp / "run"), "stages": [
-        {"name": "cluster", "inputs": {"embeddings": str(emb)}, "params": {"n_clusters": n_clusters}},
-        {"name": "dedup", "inputs": {"embeddings": str(emb), "clusters": "cluster"}, "params": {"eps": eps}}]}, client)
+                   {"name": "teacher", "params": {**teacher(epochs), "device": "cpu"}},
+                   {"name": "embed", "inputs": {"shards": "shard", "teacher": "teacher"},
+                    "params": {"embedder": "checkpoint:", "device": "cpu"}},
+                   {"name": "cluster", "inputs": {"embeddings": "embed"}, "params": {"n_clusters": n_clusters}},
+                   {"name": "dedup", "inputs": {"embeddings": "embed", "clusters": "cluster"},
+                    "params": {"eps": eps}}]}, client)
+    shards, dedup = res[0], res[-1]
     index = pq.read_table(shards.path / "index.parquet", columns=["key", "source"]).to_pylist()
     by_key = {r["key"]: groups.get(r["source"]) for r in index}
     assert sum(g is not None for g in by_key.values()) == 4 * originals, "every planted file is in the pool"
