@@ -110,6 +110,23 @@ def _results_table(arts: list[tuple[str, Path, ArtifactManifest]]) -> str:
                       "epochs", "model space", "seeds"], rows))
 
 
+def _cheap_table(arts: list[tuple[str, Path, ArtifactManifest]]) -> str:
+    """Evaluations that train nothing (metrics named ``<method>_top1``, e.g. the probe stage's linear and kNN)."""
+    rows, methods = [], []
+    for name, _, m in arts:
+        found = {k[:-5]: v for k, v in m.metrics.items() if k.endswith("_top1") and isinstance(v, (int, float))}
+        if not found or "top1_mean" in m.metrics:
+            continue
+        methods += [k for k in found if k not in methods]
+        rows.append((name, m.metrics.get("n_train", ""), found))
+    if not rows:
+        return ""
+    return ("<h2>Cheap evaluations: test top-1 (%) on frozen embeddings</h2>"
+            + _table(["stage", "train samples", *methods],
+                     [[f'<a href="#{_e(n)}">{_e(n)}</a>', _e(k), *(_e(_fmt(f.get(x, ""))) for x in methods)]
+                      for n, k, f in rows]))
+
+
 def build_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
@@ -145,7 +162,7 @@ def build_report(run_dir: Path) -> str:
              "<nav>" + "".join(f'<a href="#{_e(s)}">{_e(s)}</a>' for s, _, _ in arts) + "</nav>",
              "<h2>Stages</h2>", _table(["stage", "kind", "status", "in", "out", "rejected", "runs", "seconds",
                                         "artifact"], summary),
-             _results_table(arts)]
+             _results_table(arts), _cheap_table(arts)]
     for stage, path, m in arts:
         parts.append(f'<h2 id="{_e(stage)}">{_e(stage)}<span class=kind>{_e(m.kind)} · {_e(m.stage)} '
                      f"v{_e(m.stage_version)}</span></h2>")

@@ -1,6 +1,7 @@
 """Cluster profiles, worker resources and per-worker model caching."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -57,6 +58,24 @@ def test_cli_run_status_show(tmp_path):
     assert sh.returncode == 0 and "sklearn-digits" in sh.stdout
     assert f"read train (1438 samples): {(out / 'shard').resolve()}/shards/train/" in sh.stdout.replace("\n", "")
     assert 'wds.WebDataset("' + str((out / "shard").resolve()) in sh.stdout.replace("\n", "")
+    # the curation half of the quickstart: every stage accounts for its rows, DBP keeps exactly half of what dedup
+    # kept, export holds exactly the selection (plus the test split), the probe ranks it
+    man = {d: json.loads((out / d / "manifest.json").read_text()) for d in
+           ("embed", "cluster", "dedup", "dbp", "export", "validate-dbp", "probe")}
+    for d in ("embed", "cluster", "dedup", "dbp"):
+        c = man[d]["counts"]
+        assert c["in"] == c["out"] + c["rejected"], (d, c)
+    assert man["embed"]["counts"]["in"] == 1797 and man["cluster"]["counts"]["in"] == 1438
+    assert man["dbp"]["counts"]["in"] == man["dedup"]["counts"]["out"]
+    assert man["dbp"]["counts"]["out"] == round(0.5 * man["dedup"]["counts"]["out"])
+    assert man["export"]["counts"]["out"] == man["dbp"]["counts"]["out"] + 359
+    assert man["validate-dbp"]["metrics"]["n_train"] == man["dbp"]["counts"]["out"]
+    assert man["validate-dbp"]["metrics"]["random_baseline"]["n_train"] == man["dbp"]["counts"]["out"]
+    assert 50 < man["probe"]["metrics"]["linear_top1"] <= 100
+    rep = subprocess.run([*cli, "report", str(out)], capture_output=True, text=True)
+    html = (out / "report.html").read_text()
+    probe_top1 = format(man["probe"]["metrics"]["linear_top1"], ".4g")
+    assert rep.returncode == 0 and "Cheap evaluations" in html and probe_top1 in html
     bad = subprocess.run([*cli, "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "not found" in bad.stderr
 
