@@ -33,14 +33,10 @@ class LabelSource:
     name: ClassVar[str]
     Params: ClassVar[type[SourceParams]] = SourceParams
     needs: ClassVar[tuple[str, ...]] = ()
+    missing_reason: ClassVar[str] = "no value for this row"  # why a row gets no probabilities (a reject reason)
 
     def __init__(self, params: SourceParams) -> None:
         self.params = params
-
-    @property
-    def missing_reason(self) -> str:
-        """Why a row gets no probabilities (a reject reason)."""
-        return f"{self.name}: no value for this row"
 
     def requires(self) -> tuple[str, ...]:
         return self.needs

@@ -39,7 +39,7 @@ class CombineSource(LabelSource):
         return [create_label_source(s) for s in self.params.sources]  # type: ignore[attr-defined]
 
     @property
-    def missing_reason(self) -> str:
+    def missing_reason(self) -> str:  # type: ignore[override]
         return "combine: a source has no value for this row (" + "; ".join(m.missing_reason for m in self.members) + ")"
 
     def requires(self) -> tuple[str, ...]:

@@ -64,9 +64,7 @@ class NeighboursSource(LabelSource):
     Params = NeighboursParams
     needs = ("embeddings",)
 
-    @property
-    def missing_reason(self) -> str:
-        return "neighbours: no embedding for this row"
+    missing_reason = "neighbours: no embedding for this row"
 
     def probs(self, rows: pa.Table, inputs: dict[str, Path], classes: list[str]) -> np.ndarray:
         p: NeighboursParams = self.params  # type: ignore[assignment]

@@ -72,9 +72,7 @@ class TeacherSource(LabelSource):
     Params = TeacherSourceParams
     needs = ("teacher",)
 
-    @property
-    def missing_reason(self) -> str:
-        return "teacher: no out-of-fold prediction (not in the teacher's training set)"
+    missing_reason = "teacher: no out-of-fold prediction (not in the teacher's training set)"
 
     def check(self, inputs: dict[str, Path]) -> None:
         super().check(inputs)

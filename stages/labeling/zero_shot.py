@@ -67,9 +67,7 @@ class ZeroShotSource(LabelSource):
     Params = ZeroShotParams
     needs = ("embeddings",)
 
-    @property
-    def missing_reason(self) -> str:
-        return "zero-shot: no image embedding for this row"
+    missing_reason = "zero-shot: no image embedding for this row"
 
     def check(self, inputs: dict[str, Path]) -> None:
         super().check(inputs)
