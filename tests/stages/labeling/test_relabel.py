@@ -184,3 +184,34 @@ def test_neighbours_and_combined_sources_flag_the_swaps(noisy_run, tmp_path, cli
         assert recall >= 0.8 and precision >= 0.6, (name, recall, precision)
     m = json.loads((runs["both"].path / "manifest.json").read_text())["metrics"]
     assert [s["weight"] for s in m["sources"]["sources"]] == [0.5, 0.5]
+
+
+def test_a_selection_is_labelled_on_its_kept_rows_and_rows_without_values_are_rejects(tmp_path, client):
+    from curation_fakes import Ctx, fake_pool, fake_selection, index, uid, write_manifest
+    from stages.embedders.store import write_part
+    from stages.sharding.pool import pool_record
+
+    labels = np.repeat([0, 1, 2], 30)
+    pool = fake_pool(tmp_path / "pool", labels, test=5)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 12))
+    vec = centres[labels] + 0.1 * rng.normal(size=(90, 12))
+    emb = tmp_path / "emb"  # the last 10 rows have no embedding
+    write_part(Ctx(emb), 0, vec[:80], index(pool).slice(0, 80).select(["key", "uid", "split", "shard", "label"]))
+    write_manifest(emb, "embeddings", "embed", {"pool": pool_record(pool), "parts": [0]})
+    keep = {uid(i) for i in range(90) if i % 3 != 0}  # 60 kept
+    sel = fake_selection(tmp_path / "sel", pool, keep)
+    res = run_pipeline({"name": "s", "output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "relabel", "inputs": {"data": str(sel), "embeddings": str(emb)},
+         "params": {"sources": [{"source": "neighbours", "k": 5}], "action": "drop", "flags_shown": 0}}]},
+        client)[0]
+    m = json.loads((res.path / "manifest.json").read_text())
+    no_emb = sum(1 for i in range(80, 90) if uid(i) in keep)
+    assert m["counts"]["in"] == 60 and m["counts"]["rejected"] == no_emb and m["counts"]["out"] == 60 - no_emb
+    assert m["counts"]["rejected_by_reason"] == {"neighbours: no embedding for this row": no_emb}
+    lab = load_labels(res.path)
+    assert set(lab.column("uid").to_pylist()) <= keep and lab.num_rows == 60 - no_emb
+    rej = pq.read_table(res.path / "rejects.parquet")
+    assert rej.num_rows == no_emb and set(rej.column("uid").to_pylist()) <= keep
+    assert m["metrics"]["pool"]["path"] == str(pool.resolve()) and index(pool).num_rows == 90
+    assert m["counts"]["flagged"] == 0  # well separated clusters, correct labels
