@@ -215,3 +215,15 @@ def test_a_selection_is_labelled_on_its_kept_rows_and_rows_without_values_are_re
     assert rej.num_rows == no_emb and set(rej.column("uid").to_pylist()) <= keep
     assert m["metrics"]["pool"]["path"] == str(pool.resolve()) and index(pool).num_rows == 90
     assert m["counts"]["flagged"] == 0  # well separated clusters, correct labels
+
+
+@pytest.mark.parametrize("name", ["cifar10-noisy", "digits-noisy", "cifar10-curate"])
+def test_noise_manifests_load_and_bind_kinds(name):
+    from pathlib import Path
+
+    from pipeline.config import load_manifest
+
+    m = load_manifest(Path(__file__).resolve().parents[3] / "manifests" / f"{name}.yaml", [])
+    steps = {s.name: s for s in m.stages}
+    relabels = [s for s in steps.values() if s.stage == "relabel" or s.name == "relabel"]
+    assert relabels and all("data" in s.inputs for s in relabels)
