@@ -227,3 +227,33 @@ def test_noise_manifests_load_and_bind_kinds(name):
     steps = {s.name: s for s in m.stages}
     relabels = [s for s in steps.values() if s.stage == "relabel" or s.name == "relabel"]
     assert relabels and all("data" in s.inputs for s in relabels)
+
+
+def test_decide_topk_and_multi_labels():
+    from stages.relabel import decide, multi_labels, top_k
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.45, 0.45], [0.5, 0.4, 0.1]])
+    given = np.array([1, 0, 0])
+    flagged = np.array([True, True, False])
+    suggested, act, label = decide(given, probs, flagged, "relabel", None)
+    assert suggested.tolist() == [0, 1, 0] and act.tolist() == ["relabel", "relabel", "keep"]
+    assert label.tolist() == [0, 1, 0]
+    _, act, label = decide(given, probs, flagged, "relabel", min_confidence=0.5)
+    assert act.tolist() == ["relabel", "drop", "keep"] and label.tolist() == [0, 0, 0]
+    _, act, label = decide(given, probs, flagged, "keep", min_confidence=0.5)
+    assert act.tolist() == ["keep", "keep", "keep"] and label.tolist() == given.tolist()
+    idx, p = top_k(probs, 2)
+    assert idx.tolist() == [[0, 1], [1, 2], [0, 1]] and np.allclose(p, [[0.7, 0.2], [0.45, 0.45], [0.5, 0.4]])
+    assert multi_labels(probs, np.array([2, 1, 0]), 0.3) == [[2, 0], [1, 2], [0, 1]]
+
+
+def test_corrupt_is_deterministic(digits_shards, tmp_path, client):
+    from conftest import tree_bytes
+
+    trees = []
+    for run in ("a", "b"):
+        res = run_pipeline({"name": run, "output_dir": str(tmp_path / run), "stages": [
+            {"name": "corrupt", "inputs": {"data": str(digits_shards.path)},
+             "params": {"rate": 0.2, "seed": 1, "samples_per_shard": 700, "sample_grid": False}}]}, client)[0]
+        trees.append(tree_bytes(res.path))
+    assert trees[0] == trees[1] and any(k.endswith("noise.parquet") for k in trees[0])
