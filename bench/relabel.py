@@ -106,12 +106,14 @@ def plot(flags: dict[str, Any], curves: dict[str, dict[str, np.ndarray]], acc: d
     for i, pct in enumerate(pcts):
         ax = fig.add_subplot(1, len(pcts) + 1, i + 1)
         for name, v in sorted(flags.items()):
-            if v["pct"] == pct:
+            if v["pct"] == pct and v["source"] != "drop":  # drop: the combined flags, another action
                 c = curves[name]
                 ax.plot(c["fpr"], c["tpr"], label=f"{v['source']} (AUROC {v['auroc']}, P {v['precision']}, "
                                                   f"R {v['recall']})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-        ax.set(title=f"{pct}% symmetric noise", xlabel="false positive rate", ylabel="true positive rate")
+        ax.set(title=f"{pct}% symmetric noise", xlabel="false positive rate (log)", ylabel="true positive rate")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-3, 1)
         ax.legend(fontsize=6, loc="lower right")
     ax = fig.add_subplot(1, len(pcts) + 1, len(pcts) + 1)
     if acc:
