@@ -20,6 +20,7 @@ Output (kind ``labels``, ``stages/labeling/store.py``): ``labels.parquet``, ``re
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,9 +166,7 @@ class RelabelStage(Stage[RelabelParams]):
         pq.write_table(pa.table({"key": bad["key"], "uid": bad["uid"], "split": bad["split"], "shard": bad["shard"],
                                  "reason": pa.array(reason[~good].tolist(), pa.string())}, schema=REJECT_SCHEMA),
                        ctx.output("rejects.parquet"))
-        by_reason: dict[str, int] = {}
-        for r in reason[~good].tolist():
-            by_reason[r] = by_reason.get(r, 0) + 1
+        by_reason = dict(Counter(reason[~good].tolist()))
         return {**info, "in": rows.num_rows, "out": int(good.sum()), "rejected": int((~good).sum()),
                 "rejected_by_reason": by_reason, "pool": pool_record(data), "num_classes": len(classes),
                 "classes": classes}

@@ -95,5 +95,8 @@ class ZeroShotSource(LabelSource):
     def probs(self, rows: pa.Table, inputs: dict[str, Path], classes: list[str]) -> np.ndarray:
         p: ZeroShotParams = self.params  # type: ignore[assignment]
         image = embedding_rows(inputs["embeddings"], rows.column("uid"))
-        return zero_shot_probs(np.nan_to_num(image), self.text_tower(inputs["embeddings"], classes),
-                               p.logit_scale) + np.where(np.isnan(image[:, :1]), np.nan, 0.0)
+        ok = ~np.isnan(image).any(axis=1)
+        out = np.full((rows.num_rows, len(classes)), np.nan)
+        if ok.any():
+            out[ok] = zero_shot_probs(image[ok], self.text_tower(inputs["embeddings"], classes), p.logit_scale)
+        return out
