@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.errors import InputError
 from stages.labeling.base import LABEL_SOURCES, LabelSource, SourceParams, embedding_rows, softmax
@@ -32,6 +32,18 @@ class ZeroShotParams(SourceParams):
     templates: list[str] = Field(default_factory=lambda: list(TEMPLATES), min_length=1)
     logit_scale: float = Field(100.0, gt=0)
     embedder: str | None = None  # None: the spec the embeddings artifact was made with
+
+    @field_validator("embedder")
+    @classmethod
+    def _spec(cls, v: str | None) -> str | None:
+        """Parsed now (unknown prefixes fail at manifest load), local paths made absolute for the workers. Its
+        weights need no fingerprint: they must hash to those of the embeddings input, which are in that id."""
+        if v is None:
+            return v
+        from stages.embedders import resolve_embedder
+
+        member = resolve_embedder(v)
+        return v if member.spec.preset else member.normalised_text()
 
 
 def class_prompts(classes: list[str], templates: list[str]) -> list[str]:
