@@ -180,7 +180,7 @@ def status(run_dir: Path = typer.Argument(..., help="a pipeline's output_dir")) 
         _fail(f"{run_dir}: no run.json (not a distillery run directory)")
     record = json.loads(record_path.read_text())
     table = Table(title=f"{record['manifest'].get('name', '')}  ({run_dir})")
-    for col in ("stage", "state", "artifact", "in", "out", "rejected", "rejects by reason", "seconds"):
+    for col in ("stage", "state", "artifact", "in", "out", "rejected", "rejects by reason; breakdown", "seconds"):
         table.add_column(col)
     for name in record["order"]:
         info = record["stages"].get(name)
@@ -195,7 +195,9 @@ def status(run_dir: Path = typer.Argument(..., help="a pipeline's output_dir")) 
             m = Artifact(path).manifest()
             counts = m.counts
             secs = f"{sum(v for k, v in m.timings.items() if k in ('plan_s', 'run_s', 'finalize_s')):.1f}"
-        reasons = ", ".join(f"{k}: {v}" for k, v in counts.get("rejected_by_reason", {}).items())
+        # a stage's own breakdown of its output (e.g. relabel's keep/relabel/drop) shown beside the rejects
+        reasons = ", ".join(f"{k}: {v}" for k, v in {**counts.get("rejected_by_reason", {}),
+                                                     **counts.get("breakdown", {})}.items())
         table.add_row(name, state if not detail else f"{state} ({detail})", path.name, str(counts.get("in", "")),
                       str(counts.get("out", "")), str(counts.get("rejected", "")), reasons, secs)
     console.print(table)
