@@ -156,6 +156,16 @@ class StageResult:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
+def downstream_counts(steps: Sequence[ResolvedStage]) -> dict[str, int]:
+    """How many steps depend on each step, directly or through others (steps come in topological order)."""
+    below: dict[str, set[str]] = {s.name: set() for s in steps}
+    for step in reversed(steps):
+        for up in step.inputs.values():
+            if up in below:
+                below[up] |= below[step.name] | {step.name}
+    return {name: len(v) for name, v in below.items()}
+
+
 class Runner:
     """Runs a pipeline manifest. The Dask client is started lazily: a fully cached run starts none."""
 
@@ -183,6 +193,7 @@ class Runner:
         self._progress_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._identities: dict[Any, tuple[str, dict[str, str], str, str]] = {}
         self._subscribed = False
+        self._priority = downstream_counts(self.steps)
 
     def _configured_worker_timeout(self) -> float:
         try:
@@ -335,7 +346,8 @@ class Runner:
         with ThreadPoolExecutor(max_workers=self.parallel_stages, thread_name_prefix="stage") as pool:
             while pending or running:
                 if error is None:
-                    for step in [s for s in pending if all(u in results for u in s.inputs.values())]:
+                    ready = [s for s in pending if all(u in results for u in s.inputs.values())]
+                    for step in sorted(ready, key=lambda s: -self._priority.get(s.name, 0)):  # stable: else in order
                         if len(running) >= self.parallel_stages:
                             break
                         pending.remove(step)
@@ -557,8 +569,10 @@ class Runner:
         def submit(task: Task, attempt: int) -> Any:
             spec = TaskSpec(step.stage_cls, params, task, phase, str(path), in_paths, str(self.cache_dir), key)
             # unique per submission: Dask would hand back a cached result or error for a key it still holds
+            # stages run concurrently: a task whose step feeds more steps goes first (the critical path: an embed
+            # waiting behind a dozen validations would hold back everything downstream of it)
             return client.submit(execute_task, spec, key=f"{step.name}-{phase}-{task.id}-{uuid.uuid4().hex[:12]}",
-                                 resources=resources, pure=False)
+                                 resources=resources, pure=False, priority=self._priority.get(step.name, 0))
 
         with contextlib.suppress(Exception):  # workers import the stage's code now, not inside the first task
             client.run(importlib.import_module, step.stage_cls.__module__)

@@ -8,7 +8,7 @@ import pytest
 
 import dummy_stages  # noqa: F401  (registers count-labels)
 from conftest import REPO, make_tree, run_pipeline
-from pipeline.config import ManifestError, load_manifest
+from pipeline.config import ManifestError, PipelineManifest, load_manifest, resolve
 
 
 def two_stage(tmp: Path, src: Path) -> dict:
@@ -136,3 +136,18 @@ def test_independent_stages_run_at_the_same_time_and_a_failure_stops_only_what_f
     rec = json.loads((tmp_path / "run2" / "run.json").read_text())
     assert rec["stages"]["bad"]["status"] == "failed" and rec["stages"]["fine"]["status"] == "ran"
     assert "after" not in rec["stages"], "a step downstream of a failure never starts"
+
+
+def test_steps_feeding_more_steps_go_first():
+    """Concurrent stages share the cluster: the step with more steps downstream (the critical path) gets the higher
+    task priority and is started first among ready steps."""
+    from pipeline.runner import downstream_counts
+
+    m = PipelineManifest.model_validate({"name": "p", "output_dir": "/tmp/unused", "stages": [
+        {"name": "a", "stage": "flaky"},
+        {"name": "side", "stage": "flaky", "inputs": {"after": "a"}},
+        {"name": "b", "stage": "flaky", "inputs": {"after": "a"}},
+        {"name": "c", "stage": "flaky", "inputs": {"after": "b"}},
+        {"name": "d", "stage": "flaky", "inputs": {"after": "c"}}]})
+    counts = downstream_counts(resolve(m, "test"))
+    assert counts == {"a": 4, "side": 0, "b": 2, "c": 1, "d": 0}
