@@ -27,10 +27,9 @@ from pipeline.stage import (STAGES, FinalizeContext, InputArtifact, PlanContext,
 from stages.teacher import Teacher, load_teacher
 from stages.train.losses import SoftLabels
 from stages.train.trainer import EpochStats, plot_curves, to_nchw, train
-from stages.train.training_sets import (TRAINING_KINDS, SubsetSpec, TrainSet, balanced_subset, class_counts,
-                                        load_trainset)
-from stages.train.stage_support import (TrainingParams, device, model_space, progress_callback, recipe_identity,
-                                        tensors, testset, trainset)
+from stages.train.training_sets import TRAINING_KINDS, SubsetSpec, TrainSet, balanced_subset, class_counts
+from stages.train.stage_support import (TrainingParams, device, load_set, model_space, progress_callback,
+                                        recipe_identity, tensors, testset, trainset)
 
 
 class ValidateParams(TrainingParams):
@@ -56,6 +55,10 @@ def baseline_decision(ts: TrainSet, params: ValidateParams, has_teacher: bool) -
     pool_chw = (ts.pool.images.shape[3], *ts.pool.images.shape[1:3])
     if set_chw != pool_chw:
         return False, f"the pool's images are {pool_chw} (C, H, W), the set's {set_chw}"
+    if ts.pool_targets is not None:
+        return True, ("same size and class composition, drawn from the labelled pool and labelled by the same "
+                      f"labels artifact ({ts.info.get('targets', 'hard')} targets"
+                      + (", soft targets instead of label maps" if ts.label_maps is not None and params.label_maps else "") + ")")
     if ts.targets.is_floating_point() and not has_teacher and (ts.labeller is None or not ts.labeller.is_dir()):
         return False, ("soft labels without their labeller: the set names no teacher artifact (or it is gone) and "
                        "no teacher input is bound, so the baseline cannot be labelled the same way")
@@ -80,6 +83,8 @@ def select(ts: TrainSet, kind: str, params: ValidateParams, seed: int,
             raise ValueError("a random baseline needs the pool the set was drawn from")
         idx = balanced_subset(ts.pool.labels, per_class=class_counts(ts.targets, ts.num_classes), seed=seed)
         images = torch.from_numpy(np.ascontiguousarray(ts.pool.images[idx]))
+        if ts.pool_targets is not None:  # the set's own labelling covers its pool (a labels artifact)
+            return images, ts.pool_targets[torch.from_numpy(idx)]
         if not ts.targets.is_floating_point():
             return images, torch.from_numpy(ts.pool.labels[idx])
         if labeller is None:
@@ -119,8 +124,7 @@ class ValidateStage(Stage[ValidateParams]):
 
     def plan(self, inputs: dict[str, InputArtifact], params: ValidateParams, ctx: PlanContext) -> list[Task]:
         kinds = ["set"]
-        ts = load_trainset(inputs["train"].path, params.train_split, params.image_size, params.data_mode,
-                           ctx.cache_dir)
+        ts = load_set(inputs["train"].path, params, ctx.cache_dir)
         if baseline_decision(ts, params, "teacher" in inputs)[0]:
             kinds.append("baseline")
         return [Task(id=f"{k}-seed{s}", payload={"kind": k, "seed": s})
@@ -138,6 +142,8 @@ class ValidateStage(Stage[ValidateParams]):
         kw: dict[str, Any] = {}
         if kind == "set" and ts.lr is not None and "lr" not in params.overrides:
             kw["lr"] = ts.lr  # a learned synthetic lr travels with the set
+        if kind == "set" and params.subset is None and params.label_maps and ts.label_maps is not None:
+            kw.update(label_maps=ts.label_maps, label_fill=params.label_fill)  # ReLabel: LabelPooling per view
         if "teacher" in ctx.inputs:  # on-the-fly KD: the teacher sees the student's views through its own space
             teacher = ctx.cached(f"teacher:{ctx.inputs['teacher'].path}",
                                  lambda: load_teacher(ctx.inputs["teacher"].path))
@@ -149,14 +155,15 @@ class ValidateStage(Stage[ValidateParams]):
         record = {"kind": kind, "seed": seed, "n_train": n_train, "test": res.test,
                   "images_per_sec": res.images_per_sec, "wall_time": res.wall_time, "recipe": recipe.name,
                   "network": res.network, "model_space": space.describe(), "model_space_source": space_info,
-                  "data_mode": ts.info.get("mode"), "curve": [vars(s) for s in res.curve]}
+                  "data_mode": ts.info.get("mode"), "curve": [vars(s) for s in res.curve],
+                  "targets": "label maps" if "label_maps" in kw else ts.info.get("targets")}
         write_json(ctx.output(f"runs/{task.id}.json"), record)
         if params.save_models:
             with open(ctx.output(f"models/{task.id}.pt"), "wb") as f:
                 torch.save({"network": res.network, "state_dict": res.state_dict,
                             "model_space": space.describe(), "space_tensors": space.tensors()}, f)
         return {k: record[k] for k in ("kind", "seed", "n_train", "test", "images_per_sec", "wall_time",
-                                       "model_space", "model_space_source", "data_mode")}
+                                       "model_space", "model_space_source", "data_mode", "targets")}
 
     def finalize(self, parts: list[PartRecord], params: ValidateParams, ctx: FinalizeContext) -> Summary:
         by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -166,8 +173,7 @@ class ValidateStage(Stage[ValidateParams]):
         if len(spaces) != 1:
             raise ValueError(f"runs of one validation saw different model spaces: {sorted(spaces)}")
         recipe = params.make_recipe()
-        ts = load_trainset(ctx.inputs["train"].path, params.train_split, params.image_size, params.data_mode,
-                           ctx.cache_dir)
+        ts = load_set(ctx.inputs["train"].path, params, ctx.cache_dir)
         trained, reason = baseline_decision(ts, params, "teacher" in ctx.inputs)
         metrics: dict[str, Any] = {"recipe": recipe.name, "network": recipe.network, "epochs": recipe.epochs,
                                    "epochs_run": recipe.total_epochs, "mtt_exact": recipe.mtt_exact,
@@ -176,6 +182,7 @@ class ValidateStage(Stage[ValidateParams]):
                                    "model_space": parts[0].info["model_space"],
                                    "model_space_source": parts[0].info["model_space_source"],
                                    "data_mode": parts[0].info.get("data_mode"),
+                                   "targets": {k: v[0].get("targets") for k, v in by_kind.items()},
                                    "baseline": {"trained": "baseline" in by_kind, "reason": reason}}
         metrics.update(summarize(by_kind["set"]))
         if "baseline" in by_kind:
