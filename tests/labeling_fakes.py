@@ -56,3 +56,14 @@ def digit_probs(labels: np.ndarray, num_classes: int = 10, seed: int = 0) -> np.
     p = rest.copy()
     p[np.arange(len(labels)), labels] += 0.6
     return p.astype(np.float32)
+
+
+def noisy_digit_labels(path: Path, pool: Path, k: int = 3) -> Path:
+    """Soft rows over the pool's train split; every 7th row dropped, every 11th relabelled to another class."""
+    given = index(pool).column("label").to_numpy()
+    n = len(given)
+    actions = ["drop" if i % 7 == 0 else "relabel" if i % 11 == 0 else "keep" for i in range(n)]
+    probs = digit_probs(given)
+    wrong = np.array([a == "relabel" for a in actions])
+    probs[wrong] = digit_probs((given[wrong] + 1) % 10, seed=1)  # the teacher suggests another class
+    return fake_labels(path, pool, probs, k=k, actions=actions)

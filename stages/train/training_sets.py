@@ -74,8 +74,17 @@ def _shards(path: Path, split: str, size: int | None, mode: str = "auto", cache_
         classes = json.loads((path / "classes.json").read_text())
         return TrainSet(stream, torch.zeros(0, dtype=torch.long), len(classes), classes, info={"mode": "stream"},
                         pool_artifact=path, pool_split=split)
-    return from_images(load_images(path, split, size=size, cache_dir=cache_dir), info={"mode": "memory"},
-                       pool_artifact=path, pool_split=split)
+    images = load_images(path, split, size=size, cache_dir=cache_dir)
+    ts = from_images(images, info={"mode": "memory"}, pool_artifact=path, pool_split=split)
+    labels = Artifact(path).manifest().metrics.get("labels")  # an export that carries a labels artifact's members
+    if labels:
+        soft = wants_soft(np.array([labels.get("max_k", 1)]), targets)
+        ts.info["targets"] = "soft" if soft else "hard"
+        if soft:
+            from stages.labeling.export_members import load_exported_soft
+
+            ts.targets = torch.from_numpy(load_exported_soft(path, split, images.keys, ts.num_classes))
+    return ts
 
 
 @TRAINSETS.register("selection")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import run_pipeline
 from curation_fakes import index
-from labeling_fakes import digit_probs, fake_labels
+from labeling_fakes import digit_probs, fake_labels, noisy_digit_labels
 from stages.labeling.label_maps import label_pool, write_maps
 from stages.labeling.store import load_labels, soft_targets
 from stages.train.image_data import load_images
@@ -26,15 +26,7 @@ from stages.validate import ValidateParams, baseline_decision, select
 @pytest.fixture(scope="module")
 def labels(digits_shards, tmp_path_factory):
     """Soft rows over the digits train split; every 7th row dropped, every 11th relabelled."""
-    pool = digits_shards.path
-    rows = index(pool)
-    given = rows.column("label").to_numpy()
-    n = rows.num_rows
-    actions = ["drop" if i % 7 == 0 else "relabel" if i % 11 == 0 else "keep" for i in range(n)]
-    probs = digit_probs(given)
-    wrong = np.array([a == "relabel" for a in actions])
-    probs[wrong] = digit_probs((given[wrong] + 1) % 10, seed=1)  # the teacher suggests another class
-    return fake_labels(tmp_path_factory.mktemp("labels") / "labels", pool, probs, k=3, actions=actions)
+    return noisy_digit_labels(tmp_path_factory.mktemp("labels") / "labels", digits_shards.path)
 
 
 def test_labels_loader_skips_drops_and_gives_hard_or_soft_targets(digits_shards, labels):
