@@ -106,7 +106,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "top5_mean": statistics.fmean(top5), "top5_std": statistics.pstdev(top5),
             "per_seed": {str(r["seed"]): r["test"]["top1"] for r in runs}, "n_train": runs[0]["n_train"],
             "images_per_sec": statistics.fmean(r["images_per_sec"] for r in runs),
-            "wall_time_s": statistics.fmean(r["wall_time"] for r in runs)}
+            "wall_time_s": statistics.fmean(r["wall_time"] for r in runs), **summarize_real(runs)}
+
+
+def summarize_real(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """ReaL top-1 mean ± std beside top-1, with how many test rows it covers, when the runs measured it."""
+    real = [r["real"] for r in runs if r.get("real") and r["real"]["real_top1"] is not None]
+    if not real:
+        return {}
+    vals = [r["real_top1"] for r in real]
+    return {"real_top1_mean": statistics.fmean(vals), "real_top1_std": statistics.pstdev(vals),
+            "real": {k: real[0][k] for k in ("evaluated", "excluded_empty", "excluded_unlabelled")},
+            "real_per_seed": {str(r["seed"]): r["real"]["real_top1"] for r in runs if r.get("real")}}
 
 
 @STAGES.register()
@@ -115,7 +126,8 @@ class ValidateStage(Stage[ValidateParams]):
     version = "2"  # 2: pool/recipe model space, MTT-exact standard-dd, soft-label baselines
     Params = ValidateParams
     # test defaults to train's test split; teacher enables KD
-    input_kinds = {"train": TRAINING_KINDS, "test": ("shards",), "teacher": ("model",)}
+    # test_labels: label sets of the test split (a labels artifact's ``multi``): ReaL top-1 beside top-1
+    input_kinds = {"train": TRAINING_KINDS, "test": ("shards",), "teacher": ("model",), "test_labels": ("labels",)}
     output_kind = "metrics"
     resources = {"GPU": 1}
 
@@ -134,7 +146,8 @@ class ValidateStage(Stage[ValidateParams]):
         kind, seed = task.payload["kind"], task.payload["seed"]
         dev = device(params.device)
         ts = trainset(ctx, ctx.inputs["train"], params)
-        test = tensors(testset(ctx, ctx.inputs.get("test", ctx.inputs["train"]), params))
+        test_images = testset(ctx, ctx.inputs.get("test", ctx.inputs["train"]), params)
+        test = tensors(test_images)
         recipe = params.make_recipe()
         space, space_info = model_space(ctx, ts, recipe, params)
         labeller = labeller_of(ts, ctx) if kind == "baseline" and ts.targets.is_floating_point() else None
@@ -157,13 +170,21 @@ class ValidateStage(Stage[ValidateParams]):
                   "network": res.network, "model_space": space.describe(), "model_space_source": space_info,
                   "data_mode": ts.info.get("mode"), "curve": [vars(s) for s in res.curve],
                   "targets": "label maps" if "label_maps" in kw else ts.info.get("targets")}
+        if "test_labels" in ctx.inputs:  # ReaL-style: the prediction counts when it is in the image's label set
+            from stages.labeling.multilabel import label_sets_of, predict, real_accuracy
+
+            sets, labelled = label_sets_of(ctx.inputs["test_labels"].path, params.test_split, test_images.uids,
+                                             ts.num_classes)
+            record["real"] = real_accuracy(predict(res.model(), test[0], space, dev, recipe.eval_batch_size),
+                                           sets, labelled)
         write_json(ctx.output(f"runs/{task.id}.json"), record)
         if params.save_models:
             with open(ctx.output(f"models/{task.id}.pt"), "wb") as f:
                 torch.save({"network": res.network, "state_dict": res.state_dict,
                             "model_space": space.describe(), "space_tensors": space.tensors()}, f)
         return {k: record[k] for k in ("kind", "seed", "n_train", "test", "images_per_sec", "wall_time",
-                                       "model_space", "model_space_source", "data_mode", "targets")}
+                                       "model_space", "model_space_source", "data_mode", "targets", "real")
+                if k in record}
 
     def finalize(self, parts: list[PartRecord], params: ValidateParams, ctx: FinalizeContext) -> Summary:
         by_kind: dict[str, list[dict[str, Any]]] = {}
