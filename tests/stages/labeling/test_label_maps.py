@@ -63,6 +63,21 @@ def reference_pool(index, score, boxes, flips, num_classes, fill="zero") -> np.n
     return np.array(out)
 
 
+def roi_align_dense(index, score, boxes, flips, num_classes, fill="zero"):
+    """ReLabel's way, literally: the dense zero-filled map through ``torchvision.ops.roi_align`` (1x1, aligned=False)."""
+    from torchvision.ops import roi_align
+
+    from stages.labeling.label_maps import roi_boxes
+
+    s = index.shape[-1]
+    rois = torch.cat([torch.arange(len(boxes), dtype=torch.float32)[:, None], roi_boxes(boxes, flips, s)], 1)
+    pooled = roi_align(densify(index, score, num_classes), rois, 1, 1.0, aligned=False).flatten(1)
+    if fill == "neg_inf":
+        seen = roi_align(densify(index, torch.ones_like(score), num_classes), rois, 1, 1.0, aligned=False).flatten(1)
+        pooled = pooled.masked_fill(seen == 0, float("-inf"))
+    return pooled.softmax(1)
+
+
 @pytest.mark.parametrize("fill", ["zero", "neg_inf"])
 def test_label_pool_equals_brute_force_on_random_maps_boxes_and_flips(fill):
     g = np.random.default_rng(0)
@@ -79,6 +94,9 @@ def test_label_pool_equals_brute_force_on_random_maps_boxes_and_flips(fill):
                      torch.from_numpy(boxes), torch.from_numpy(flips), c, fill=fill)
     ref = reference_pool(index, score.astype(np.float16).astype(np.float64), boxes, flips, c, fill)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-6)
+    dense = roi_align_dense(torch.from_numpy(index), torch.from_numpy(score).half(), torch.from_numpy(boxes),
+                            torch.from_numpy(flips), c, fill)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-7)  # the sparse form is torchvision's RoIAlign
     assert np.allclose(got.sum(1).numpy(), 1)
     if fill == "neg_inf":
         assert (got.numpy() == 0).any(), "classes in no top-k under the box get no mass"
