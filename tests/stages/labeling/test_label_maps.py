@@ -200,3 +200,15 @@ def test_topk_maps_and_sidecar_round_trip(tmp_path):
     assert np.array_equal(maps.index.numpy(), index[[3, 0]]) and maps.k == 2 and maps.size == 3
     with pytest.raises(Exception, match="no label map"):
         load_maps(tmp_path, "train", ["zz"])
+
+
+def test_each_row_is_mapped_by_the_fold_that_held_it_out(tmp_path):
+    """K-fold teachers: a row's map comes from the fold whose held-out set holds it (never a model that saw it)."""
+    from stages.labeling.label_maps import _fold_of_rows
+
+    (tmp_path / "teachers").mkdir()
+    for k, held in enumerate([["b", "d"], ["a"], ["c", "e"]]):
+        torch.save({"held_out": held}, tmp_path / "teachers" / f"fold_{k}.pt")
+    ckpts, fold = _fold_of_rows(tmp_path, ["a", "b", "c", "d", "e"])
+    assert [p.name for p in ckpts] == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    assert fold.tolist() == [1, 0, 2, 0, 2]
