@@ -58,7 +58,7 @@ class ExpertsStage(Stage[ExpertParams]):
 
     def finalize(self, parts: list[PartRecord], params: ExpertParams, ctx: FinalizeContext) -> Summary:
         ts = load_trainset(ctx.inputs["data"].path, params.train_split, params.image_size, params.data_mode,
-                           ctx.cache_dir)
+                           ctx.cache_dir, targets=params.label_targets)
         space, info = resolve_model_space(ts, params.make_recipe(), ctx.cache_dir, params.image_size)
         if space.describe() != parts[0].info["model_space"]:
             raise ValueError("the experts were trained in another model space than the one resolved now")

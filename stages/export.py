@@ -25,6 +25,7 @@ from pipeline.atomic import atomic_path, write_bytes
 from pipeline.errors import InputError
 from pipeline.stage import (STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, StageParams, Summary, Task,
                             TaskContext, execution_only)
+import stages.labeling.export_members  # noqa: F401 - registers the ``labels`` member hook
 from stages.imaging.tar_writer import TarShardWriter
 from stages.selections.reshard import MEMBER_HOOKS, Item, PoolReader, Writer, read, reject_row, verify
 from stages.selections.store import pool_rows
@@ -131,4 +132,8 @@ class ExportStage(Stage[ExportParams]):
                               "path": str(data.path.resolve()), "pool": pool_record(pool),
                               "other_splits": params.other_splits},
         }
+        if "labels" in ctx.inputs:
+            from stages.labeling.export_members import exported_labels
+
+            metrics["labels"] = exported_labels(ctx.inputs["labels"].path)
         return Summary(counts=counts, files=files, metrics=metrics)

@@ -171,7 +171,7 @@ class TeacherStage(Stage[TeacherParams]):
             metrics["test_top1_mean"] = float(np.mean(tops))
         if params.folds > 1:
             ts = load_trainset(ctx.inputs["data"].path, params.train_split, params.image_size,
-                               cache_dir=ctx.cache_dir)
+                               cache_dir=ctx.cache_dir, targets=params.label_targets)
             probs = np.zeros((len(ts), ts.num_classes), dtype=np.float32)
             for p in parts:
                 with np.load(ctx.out_dir / f"oof/{p.task}.npz", allow_pickle=False) as z:

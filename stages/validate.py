@@ -27,10 +27,9 @@ from pipeline.stage import (STAGES, FinalizeContext, InputArtifact, PlanContext,
 from stages.teacher import Teacher, load_teacher
 from stages.train.losses import SoftLabels
 from stages.train.trainer import EpochStats, plot_curves, to_nchw, train
-from stages.train.training_sets import (TRAINING_KINDS, SubsetSpec, TrainSet, balanced_subset, class_counts,
-                                        load_trainset)
-from stages.train.stage_support import (TrainingParams, device, model_space, progress_callback, recipe_identity,
-                                        tensors, testset, trainset)
+from stages.train.training_sets import TRAINING_KINDS, SubsetSpec, TrainSet, balanced_subset, class_counts
+from stages.train.stage_support import (TrainingParams, device, load_set, model_space, progress_callback,
+                                        recipe_identity, tensors, testset, trainset)
 
 
 class ValidateParams(TrainingParams):
@@ -56,6 +55,10 @@ def baseline_decision(ts: TrainSet, params: ValidateParams, has_teacher: bool) -
     pool_chw = (ts.pool.images.shape[3], *ts.pool.images.shape[1:3])
     if set_chw != pool_chw:
         return False, f"the pool's images are {pool_chw} (C, H, W), the set's {set_chw}"
+    if ts.pool_targets is not None:
+        return True, ("same size and class composition, drawn from the labelled pool and labelled by the same "
+                      f"labels artifact ({ts.info.get('targets', 'hard')} targets"
+                      + (", soft targets instead of label maps" if ts.label_maps is not None and params.label_maps else "") + ")")
     if ts.targets.is_floating_point() and not has_teacher and (ts.labeller is None or not ts.labeller.is_dir()):
         return False, ("soft labels without their labeller: the set names no teacher artifact (or it is gone) and "
                        "no teacher input is bound, so the baseline cannot be labelled the same way")
@@ -80,6 +83,8 @@ def select(ts: TrainSet, kind: str, params: ValidateParams, seed: int,
             raise ValueError("a random baseline needs the pool the set was drawn from")
         idx = balanced_subset(ts.pool.labels, per_class=class_counts(ts.targets, ts.num_classes), seed=seed)
         images = torch.from_numpy(np.ascontiguousarray(ts.pool.images[idx]))
+        if ts.pool_targets is not None:  # the set's own labelling covers its pool (a labels artifact)
+            return images, ts.pool_targets[torch.from_numpy(idx)]
         if not ts.targets.is_floating_point():
             return images, torch.from_numpy(ts.pool.labels[idx])
         if labeller is None:
@@ -101,7 +106,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "top5_mean": statistics.fmean(top5), "top5_std": statistics.pstdev(top5),
             "per_seed": {str(r["seed"]): r["test"]["top1"] for r in runs}, "n_train": runs[0]["n_train"],
             "images_per_sec": statistics.fmean(r["images_per_sec"] for r in runs),
-            "wall_time_s": statistics.fmean(r["wall_time"] for r in runs)}
+            "wall_time_s": statistics.fmean(r["wall_time"] for r in runs), **summarize_real(runs)}
+
+
+def summarize_real(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """ReaL top-1 mean ± std beside top-1, with how many test rows it covers, when the runs measured it."""
+    real = [r["real"] for r in runs if r.get("real") and r["real"]["real_top1"] is not None]
+    if not real:
+        return {}
+    vals = [r["real_top1"] for r in real]
+    return {"real_top1_mean": statistics.fmean(vals), "real_top1_std": statistics.pstdev(vals),
+            "real": {k: real[0][k] for k in ("evaluated", "excluded_empty", "excluded_unlabelled")},
+            "real_per_seed": {str(r["seed"]): r["real"]["real_top1"] for r in runs if r.get("real")}}
 
 
 @STAGES.register()
@@ -110,7 +126,8 @@ class ValidateStage(Stage[ValidateParams]):
     version = "2"  # 2: pool/recipe model space, MTT-exact standard-dd, soft-label baselines
     Params = ValidateParams
     # test defaults to train's test split; teacher enables KD
-    input_kinds = {"train": TRAINING_KINDS, "test": ("shards",), "teacher": ("model",)}
+    # test_labels: label sets of the test split (a labels artifact's ``multi``): ReaL top-1 beside top-1
+    input_kinds = {"train": TRAINING_KINDS, "test": ("shards",), "teacher": ("model",), "test_labels": ("labels",)}
     output_kind = "metrics"
     resources = {"GPU": 1}
 
@@ -119,8 +136,7 @@ class ValidateStage(Stage[ValidateParams]):
 
     def plan(self, inputs: dict[str, InputArtifact], params: ValidateParams, ctx: PlanContext) -> list[Task]:
         kinds = ["set"]
-        ts = load_trainset(inputs["train"].path, params.train_split, params.image_size, params.data_mode,
-                           ctx.cache_dir)
+        ts = load_set(inputs["train"].path, params, ctx.cache_dir)
         if baseline_decision(ts, params, "teacher" in inputs)[0]:
             kinds.append("baseline")
         return [Task(id=f"{k}-seed{s}", payload={"kind": k, "seed": s})
@@ -130,7 +146,8 @@ class ValidateStage(Stage[ValidateParams]):
         kind, seed = task.payload["kind"], task.payload["seed"]
         dev = device(params.device)
         ts = trainset(ctx, ctx.inputs["train"], params)
-        test = tensors(testset(ctx, ctx.inputs.get("test", ctx.inputs["train"]), params))
+        test_images = testset(ctx, ctx.inputs.get("test", ctx.inputs["train"]), params)
+        test = tensors(test_images)
         recipe = params.make_recipe()
         space, space_info = model_space(ctx, ts, recipe, params)
         labeller = labeller_of(ts, ctx) if kind == "baseline" and ts.targets.is_floating_point() else None
@@ -138,6 +155,8 @@ class ValidateStage(Stage[ValidateParams]):
         kw: dict[str, Any] = {}
         if kind == "set" and ts.lr is not None and "lr" not in params.overrides:
             kw["lr"] = ts.lr  # a learned synthetic lr travels with the set
+        if kind == "set" and params.subset is None and params.label_maps and ts.label_maps is not None:
+            kw.update(label_maps=ts.label_maps, label_fill=params.label_fill)  # ReLabel: LabelPooling per view
         if "teacher" in ctx.inputs:  # on-the-fly KD: the teacher sees the student's views through its own space
             teacher = ctx.cached(f"teacher:{ctx.inputs['teacher'].path}",
                                  lambda: load_teacher(ctx.inputs["teacher"].path))
@@ -149,14 +168,23 @@ class ValidateStage(Stage[ValidateParams]):
         record = {"kind": kind, "seed": seed, "n_train": n_train, "test": res.test,
                   "images_per_sec": res.images_per_sec, "wall_time": res.wall_time, "recipe": recipe.name,
                   "network": res.network, "model_space": space.describe(), "model_space_source": space_info,
-                  "data_mode": ts.info.get("mode"), "curve": [vars(s) for s in res.curve]}
+                  "data_mode": ts.info.get("mode"), "curve": [vars(s) for s in res.curve],
+                  "targets": "label maps" if "label_maps" in kw else ts.info.get("targets")}
+        if "test_labels" in ctx.inputs:  # ReaL-style: the prediction counts when it is in the image's label set
+            from stages.labeling.multilabel import label_sets_of, predict, real_accuracy
+
+            sets, labelled = label_sets_of(ctx.inputs["test_labels"].path, params.test_split, test_images.uids,
+                                             ts.num_classes)
+            record["real"] = real_accuracy(predict(res.model(), test[0], space, dev, recipe.eval_batch_size),
+                                           sets, labelled)
         write_json(ctx.output(f"runs/{task.id}.json"), record)
         if params.save_models:
             with open(ctx.output(f"models/{task.id}.pt"), "wb") as f:
                 torch.save({"network": res.network, "state_dict": res.state_dict,
                             "model_space": space.describe(), "space_tensors": space.tensors()}, f)
         return {k: record[k] for k in ("kind", "seed", "n_train", "test", "images_per_sec", "wall_time",
-                                       "model_space", "model_space_source", "data_mode")}
+                                       "model_space", "model_space_source", "data_mode", "targets", "real")
+                if k in record}
 
     def finalize(self, parts: list[PartRecord], params: ValidateParams, ctx: FinalizeContext) -> Summary:
         by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -166,8 +194,7 @@ class ValidateStage(Stage[ValidateParams]):
         if len(spaces) != 1:
             raise ValueError(f"runs of one validation saw different model spaces: {sorted(spaces)}")
         recipe = params.make_recipe()
-        ts = load_trainset(ctx.inputs["train"].path, params.train_split, params.image_size, params.data_mode,
-                           ctx.cache_dir)
+        ts = load_set(ctx.inputs["train"].path, params, ctx.cache_dir)
         trained, reason = baseline_decision(ts, params, "teacher" in ctx.inputs)
         metrics: dict[str, Any] = {"recipe": recipe.name, "network": recipe.network, "epochs": recipe.epochs,
                                    "epochs_run": recipe.total_epochs, "mtt_exact": recipe.mtt_exact,
@@ -176,6 +203,7 @@ class ValidateStage(Stage[ValidateParams]):
                                    "model_space": parts[0].info["model_space"],
                                    "model_space_source": parts[0].info["model_space_source"],
                                    "data_mode": parts[0].info.get("data_mode"),
+                                   "targets": {k: v[0].get("targets") for k, v in by_kind.items()},
                                    "baseline": {"trained": "baseline" in by_kind, "reason": reason}}
         metrics.update(summarize(by_kind["set"]))
         if "baseline" in by_kind:

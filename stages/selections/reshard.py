@@ -8,9 +8,11 @@ selections), its image bytes, label, caption and JSON metadata; only ``shard`` a
 cannot be read back intact becomes a reject row with its reason, never a failed task.
 
 **Extra members.** ``MEMBER_HOOKS`` maps an artifact kind to a factory ``(artifact path) -> hook``; a hook maps
-an index row to extra members ``{"soft.npy": bytes, ...}`` written after the sample's own. The relabel stage
-(issue 8) registers one for its ``labels`` artifact (soft / multi labels as ``{key}.soft.npy`` or ``{key}.labels.json``)
-and export binds it as its ``labels`` input; nothing is registered here.
+an index row to extra members ``{"soft.npy": bytes, ...}`` written after the sample's own. A hook may set the
+row's ``label`` (the ``.cls`` member and the new index row then carry it) and may raise ``Rejected(reason)`` to
+leave the sample out as a reject with that reason. ``stages.labeling.export_members`` registers the ``labels``
+hook (soft / multi labels as ``{key}.soft.npy`` and ``{key}.labels.json``); export binds it as its ``labels``
+input.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ MemberHook = Callable[[dict[str, Any]], dict[str, bytes]]
 MEMBER_HOOKS: Registry[Callable[[Path], MemberHook]] = Registry("export member hook",
                                                                 entry_point_group="distillery.export_members")
 OWN_MEMBERS = ("jpg", "png", "webp", "cls", "txt", "json")
+
+
+class Rejected(Exception):
+    """Raised by a member hook: the sample is left out, a reject with this reason."""
 
 
 @dataclass(slots=True)
@@ -95,6 +101,8 @@ class Writer:
             if it.reject is None:
                 try:
                     self.write(it)
+                except Rejected as e:
+                    it.reject = str(e)
                 except Exception as e:  # noqa: BLE001 - one bad sample never fails the task
                     it.reject = f"write failed: {type(e).__name__}: {e}"
             yield it
@@ -102,17 +110,19 @@ class Writer:
     def write(self, it: Item) -> None:
         r = dict(it.row)
         r["shard"] = self.shard
+        extra: dict[str, bytes] = {}
+        for hook in self.hooks:  # first: a hook may set the label the sample's own members carry
+            for ext, data in hook(r).items():
+                if ext in extra or ext in OWN_MEMBERS or ext == r["ext"]:
+                    raise ValueError(f"member hook wrote '{ext}', which the sample already has")
+                extra[ext] = data
         members: dict[str, bytes] = {r["ext"]: it.data or b""}
         if r["label"] is not None:
             members["cls"] = str(r["label"]).encode()
         if r["caption"] is not None:
             members["txt"] = r["caption"].encode("utf-8")
         members["json"] = meta_json(r).encode("utf-8")
-        for hook in self.hooks:
-            for ext, data in hook(r).items():
-                if ext in members or ext in OWN_MEMBERS:
-                    raise ValueError(f"member hook wrote '{ext}', which the sample already has")
-                members[ext] = data
+        members.update(extra)
         r["offset"] = self.tar.write_sample(r["key"], members)
         it.out = r
 

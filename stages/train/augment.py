@@ -281,11 +281,52 @@ class CropFlipParams(BaseModel):
     flip: bool = True
 
 
-def crop_flip(x: Tensor, params: CropFlipParams = CropFlipParams(), generator: torch.Generator | None = None) -> Tensor:
+def _crop_flip_draws(x: Tensor, params: CropFlipParams,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     draw = _Draw(x.shape[0], x.device, generator)
-    x = translate(x, draw.randint(-params.pad, params.pad + 1), draw.randint(-params.pad, params.pad + 1),
-                  params.pad, params.padding_mode)
-    return random_flip(x, 0.5, draw) if params.flip else x
+    dy, dx = draw.randint(-params.pad, params.pad + 1), draw.randint(-params.pad, params.pad + 1)
+    flip = draw.uniform() < 0.5 if params.flip else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return dy, dx, flip
+
+
+def crop_flip(x: Tensor, params: CropFlipParams = CropFlipParams(), generator: torch.Generator | None = None) -> Tensor:
+    dy, dx, flip = _crop_flip_draws(x, params, generator)
+    x = translate(x, dy, dx, params.pad, params.padding_mode)
+    return apply_flip(x, flip) if params.flip else x
+
+
+def crop_flip_boxes(x: Tensor, params: CropFlipParams = CropFlipParams(),
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``crop_flip`` (the same draws: an identically seeded generator gives the same views) that also says what it
+    did, for LabelPooling: per sample the crop box ``(x1, y1, x2, y2)`` in [0, 1] of the image, clipped to the image
+    (the padding shows no content of its own), and the flip. Crop-then-flip is written in ``label_pool``'s
+    flip-then-crop convention: a flipped view's box is the mirrored box, ``flips`` True."""
+    dy, dx, flip = _crop_flip_draws(x, params, generator)
+    out = translate(x, dy, dx, params.pad, params.padding_mode)
+    out = apply_flip(out, flip) if params.flip else out
+    h, w = x.shape[2:]
+    x1, x2 = (dx / w).clamp(0, 1), ((dx + w) / w).clamp(0, 1)
+    y1, y2 = (dy / h).clamp(0, 1), ((dy + h) / h).clamp(0, 1)
+    boxes = torch.stack([torch.where(flip, 1 - x2, x1), y1, torch.where(flip, 1 - x1, x2), y2], 1).float()
+    return out, boxes, flip
+
+
+def full_boxes(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """No augmentation: the view is the whole image."""
+    n = x.shape[0]
+    return x, torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=x.device).expand(n, 4), \
+        torch.zeros(n, dtype=torch.bool, device=x.device)
+
+
+def make_box_augmentation(name: str, params: dict[str, Any] | None = None) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The augmentation ``name`` returning ``(views, boxes, flips)`` for LabelPooling; only geometric crops whose box
+    is known qualify (``crop_flip``, ``none``)."""
+    if name == "crop_flip":
+        return functools.partial(crop_flip_boxes, params=CropFlipParams(**(params or {})))
+    if name == "none":
+        return full_boxes
+    raise ValueError(f"label maps need the crop box of every view: augmentation '{name}' does not expose it "
+                     "(use crop_flip or none)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from stages.train.image_data import ImageSet, decode_rows, load_images, sample_r
 from stages.train.model_space import ChannelNorm, ModelSpace, channel_stats, fit_zca, fixed, load_space, save_space
 from stages.train.recipes import Recipe, load_recipe
 from stages.train.trainer import EpochStats
-from stages.train.training_sets import TrainSet, load_trainset
+from stages.train.training_sets import LabelTargets, TrainSet, load_trainset
 
 STATS_SAMPLE_IMAGES = 10_000  # fallback statistics when a pool's manifest has no image_stats
 STATS_SAMPLE_SEED = 0
@@ -28,6 +28,11 @@ class TrainingParams(StageParams):
     train_split: str = "train"
     test_split: str = "test"
     image_size: int | None = None  # resize on load (needed when images differ in size)
+    # a labelled set (labels artifact, or an export carrying soft labels): its hard label, its soft rows, or soft
+    # when the stored top-k names more than one class. Part of the artifact id: it changes what is trained on.
+    label_targets: LabelTargets = "auto"
+    label_maps: bool = True  # train on a labels set's localized label maps (LabelPooling) when it carries them
+    label_fill: Literal["zero", "neg_inf"] = "zero"  # LabelPooling's non-top-k classes: 0 (ReLabel) or no mass
     device: Literal["auto", "cpu", "cuda"] = execution_only("auto")
     # auto: decode into memory when it fits. Execution-only by decision (stream and memory order batches
     # differently, so single runs differ by noise; the recipe and data are the same).
@@ -57,9 +62,14 @@ def device(choice: str) -> torch.device:
 
 def trainset(ctx: TaskContext, inp: InputArtifact, params: TrainingParams) -> TrainSet:
     """The training set, decoded once per worker (the cache holds it across this worker's tasks)."""
-    key = f"trainset:{inp.path}:{params.train_split}:{params.image_size}:{params.data_mode}"
-    return ctx.cached(key, lambda: load_trainset(inp.path, params.train_split, params.image_size, params.data_mode,
-                                                 ctx.cache_dir))
+    key = f"trainset:{inp.path}:{params.train_split}:{params.image_size}:{params.data_mode}:{params.label_targets}"
+    return ctx.cached(key, lambda: load_set(inp.path, params, ctx.cache_dir))
+
+
+def load_set(path: Path, params: TrainingParams, cache_dir: Path | None) -> TrainSet:
+    """``load_trainset`` with a training stage's params (split, size, data mode, label targets)."""
+    return load_trainset(path, params.train_split, params.image_size, params.data_mode, cache_dir,
+                         targets=params.label_targets)
 
 
 def images_of(path: Path) -> Path:

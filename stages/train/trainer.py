@@ -252,7 +252,7 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
           teacher: nn.Module | None = None, checkpoint_dir: str | Path | None = None, resume: bool = True,
           epochs: int | None = None, lr: float | None = None, callback: EpochCallback | None = None,
           space: ModelSpace | None = None, soft_labels: SoftLabels | None = None,
-          eval_every: int = 0) -> TrainResult:
+          eval_every: int = 0, label_maps: Any = None, label_fill: str = "zero") -> TrainResult:
     """Train a fresh ``recipe.network`` on ``images`` (uint8 or float, NCHW or NHWC) and ``targets``.
 
     ``targets``: int64 class ids, or float (N, num_classes) stored soft labels of form ``soft_labels`` (default:
@@ -261,6 +261,9 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     Float images are used as given. ``epochs``/``lr`` override the recipe (e.g. the learned lr of a distilled set).
     ``callback(epochs_done, model, stats)`` runs once with ``(0, model, None)`` before a fresh start and after every
     epoch. ``eval_every`` > 0 also tests mid-run (evaluation never changes the training).
+    ``label_maps`` (``stages.labeling.label_maps.LabelMaps``, row-aligned with ``images``): ReLabel training: every
+    view's target is LabelPooling of its image's map over that view's crop box (``label_fill``: ``zero`` as
+    published, or ``neg_inf``), trained with soft cross-entropy; ``targets`` then only count classes for logging.
     """
     recipe = recipe.with_overrides(**{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     dev = torch.device(device)
@@ -274,11 +277,23 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     soft = targets.is_floating_point()
     if len(targets) != n or (soft and tuple(targets.shape) != (n, num_classes)):
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match {n} images / {num_classes} classes")
+    maps = None
+    if label_maps is not None:
+        from stages.labeling.label_maps import label_pool
+        from stages.train.augment import make_box_augmentation
+
+        if stream is not None or len(label_maps.index) != n:
+            raise ValueError(f"label maps must be row-aligned with in-memory images ({len(label_maps.index)} maps, "
+                             f"{n} images{', streamed' if stream is not None else ''})")
+        maps = label_maps.to(dev)
+        box_augment = make_box_augmentation(recipe.augmentation.name, recipe.augmentation.params)
     space = resolve_space(recipe, space)
     norm = Encoder(space, dev)
     if test is not None and not test[0].is_floating_point() and space is None:
         raise ValueError("uint8 test images need a model space: pass space= (the one the training images live in)")
     x, y = x.to(dev).contiguous(), targets.to(dev, torch.float32 if soft else torch.long)  # one layout: same numerics
+    if maps is not None:  # batches carry row indices; each view's target is pooled from its map
+        y, soft = torch.arange(n, device=dev), True
     channels_last = recipe.channels_last  # also pays on CPU: oneDNN convs prefer NHWC (~1.3x for BN nets)
 
     network = dict(name=recipe.network, num_classes=num_classes, in_channels=x.shape[1], image_size=x.shape[-1],
@@ -291,7 +306,7 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, recipe)
     augment = make_augmentation(recipe.augmentation.name, recipe.augmentation.params)
-    soft_labels = soft_labels or SoftLabels()
+    soft_labels = SoftLabels() if maps is not None else (soft_labels or SoftLabels())  # pooled: probabilities
     loss_fn = make_loss(recipe.loss, soft_labels)
     gens = {"order": _derived_generator(seed, 1), "augment": _derived_generator(seed, 2)}
     if teacher is not None:
@@ -304,7 +319,8 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
     plan = epoch_plan(recipe) if recipe.mtt_exact else None
     identity = {"recipe": recipe.model_dump(mode="json"), "seed": seed, "num_classes": num_classes,
                 "n": n, "soft": soft, "soft_labels": soft_labels.model_dump(mode="json") if soft else None,
-                "teacher": teacher is not None, "space": space.describe() if space is not None else None}
+                "teacher": teacher is not None, "space": space.describe() if space is not None else None,
+                "label_maps": None if maps is None else {"k": maps.k, "size": maps.size, "fill": label_fill}}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
 
     if ckpt is not None and resume and ckpt.exists():
@@ -331,7 +347,11 @@ def train(images: Tensor | BatchStream, targets: Tensor, recipe: Recipe, *, num_
         correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
         for xr, yb in _epoch_batches(x, y, stream, bs, steps_per_epoch, gens["order"], seed, prog.epoch, dev):
-            xb = augment(norm(xr), generator=gens["augment"])
+            if maps is None:
+                xb = augment(norm(xr), generator=gens["augment"])
+            else:
+                xb, boxes, flips = box_augment(norm(xr), generator=gens["augment"])
+                yb = label_pool(maps.index[yb], maps.score[yb], boxes, flips, num_classes, fill=label_fill)
             seen += len(yb)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)

@@ -61,9 +61,9 @@ def test_reshard_rejects_damaged_bytes_and_writes_hook_members(digits_shards, tm
 
 
 def test_export_of_a_labels_artifact_needs_its_member_hook(selection, tmp_path):
-    labels = write_manifest(tmp_path / "labels", "labels", "relabel")
+    labels = write_manifest(tmp_path / "labels", "soft-labels", "relabel")  # a kind no hook is registered for
     inputs = {"data": InputArtifact(selection), "labels": InputArtifact(labels)}
-    with pytest.raises(KeyError, match="unknown export member hook 'labels'"):
+    with pytest.raises(KeyError, match="unknown export member hook 'soft-labels'"):
         ExportStage().plan(inputs, ExportParams(), PlanContext(tmp_path / "out", inputs))
 
 
