@@ -28,21 +28,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.artifacts import PartRecord
 from pipeline.errors import InputError
-from pipeline.stage import (STAGES, FinalizeContext, InputArtifact, PlanContext, Stage, StageParams, Summary, Task,
-                            TaskContext, execution_only)
+from pipeline.stage import (
+    STAGES,
+    FinalizeContext,
+    InputArtifact,
+    PlanContext,
+    Stage,
+    StageParams,
+    Summary,
+    Task,
+    TaskContext,
+    execution_only,
+)
 from stages.labeling import LabelSource, create_label_source
 from stages.labeling.confident import Among, Method, find_label_issues, noise_score
-from stages.labeling.store import ACTIONS, LABELS_FILE, SCHEMA, load_labels, write_labels
+from stages.labeling.label_maps import write_maps
+from stages.labeling.store import (
+    ACTIONS,
+    LABELS_FILE,
+    SCHEMA,
+    load_labels,
+    write_labels,
+)
 from stages.selections.store import pool_rows
 from stages.sharding.pool import find_pool, pool_record
+from stages.train.stage_support import device
 
 Action = Literal["keep", "relabel", "drop"]
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("split", pa.string()),
                            ("shard", pa.int32()), ("reason", pa.string())])
+
+
+class LabelMapSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(15, ge=1)
+    k: int = Field(5, ge=1)
 
 
 class RelabelParams(StageParams):
@@ -55,6 +79,10 @@ class RelabelParams(StageParams):
     min_confidence: float | None = Field(None, ge=0, le=1)  # relabel only when p(suggested) >= this, else drop
     split: str = "train"
     flags_shown: int = execution_only(32)  # images in flags.png (0: no picture)
+    # ReLabel-style localized label maps from the bound teacher (resnet18/airbench; each row by the fold that held
+    # it out): {size: S, k: top-k per location}; stored in maps/<split>/<shard>.npz, pooled per crop by the trainer
+    label_maps: LabelMapSpec | None = None
+    device: Literal["auto", "cpu", "cuda"] = execution_only("auto")  # where the label-map teacher runs
 
     @field_validator("sources")
     @classmethod
@@ -141,6 +169,9 @@ class RelabelStage(Stage[RelabelParams]):
 
     def plan(self, inputs: dict[str, InputArtifact], params: RelabelParams, ctx: PlanContext) -> list[Task]:
         params.source().check({n: a.path for n, a in inputs.items()})
+        if params.label_maps is not None and "teacher" not in inputs:
+            raise InputError("relabel: label_maps need a teacher input (a resnet18 or airbench teacher artifact; "
+                             "trained with folds: K, every row is mapped by a model that never saw it)")
         return [Task(id="label", payload={})]
 
     def run(self, task: Task, params: RelabelParams, ctx: TaskContext) -> dict[str, Any]:
@@ -161,6 +192,11 @@ class RelabelStage(Stage[RelabelParams]):
             raise InputError(f"relabel: no row of '{params.split}' could be labelled ({source.missing_reason})")
         table, info = label_table(rows.filter(pa.array(good)), probs[good], params)
         write_labels(ctx.output(LABELS_FILE), table)
+        if params.label_maps is not None:
+            located = pool_rows(data, params.split, columns=["key", "uid", "split", "shard", "offset", "bytes"])
+            info["label_maps"] = write_maps(paths["teacher"], find_pool(data), located.filter(pa.array(good)),
+                                            ctx.output, size=params.label_maps.size, k=params.label_maps.k,
+                                            device=device(params.device))
         reason = np.where(unlabelled, "no given label", source.missing_reason)
         bad = rows.filter(pa.array(~good))
         pq.write_table(pa.table({"key": bad["key"], "uid": bad["uid"], "split": bad["split"], "shard": bad["shard"],

@@ -257,3 +257,29 @@ def test_corrupt_is_deterministic(digits_shards, tmp_path, client):
              "params": {"rate": 0.2, "seed": 1, "samples_per_shard": 700, "sample_grid": False}}]}, client)[0]
         trees.append(tree_bytes(res.path))
     assert trees[0] == trees[1] and any(k.endswith("noise.parquet") for k in trees[0])
+
+
+def test_relabel_writes_label_maps_from_its_teacher_folds(noisy_run, tmp_path, client):
+    """``label_maps:`` makes the relabel stage write ReLabel maps beside its labels (every labelled row, each by the
+    fold that held it out); a ConvNet teacher (no spatial map before its classifier) is refused by name."""
+    from stages.labeling.label_maps import load_maps
+    from stages.labeling.store import MAPS_DIR
+
+    _, res = noisy_run
+    corrupt = res["corrupt"].path
+    air = {"recipe": "fast", "folds": 2, "seed": 0,
+           "overrides": {"epochs": 1, "batch_size": 128, "network_kwargs": {"width": 8}}}
+    out = run_pipeline({"name": "maps", "output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "teacher", "inputs": {"data": str(corrupt)}, "params": air},
+        {"name": "relabel", "inputs": {"data": str(corrupt), "teacher": "teacher"},
+         "params": {"sources": [{"source": "teacher"}], "label_maps": {"size": 4, "k": 3}, "flags_shown": 0}}]},
+        client)[-1]
+    m = json.loads((out.path / "manifest.json").read_text())
+    labels = load_labels(out.path, "train")
+    assert sorted((out.path / MAPS_DIR / "train").glob("*.npz")) and m["metrics"]["label_maps"]
+    maps = load_maps(out.path, "train", labels.column("uid").to_pylist())  # every labelled row has its map
+    assert tuple(maps.index.shape) == (labels.num_rows, 3, 4, 4) and maps.score.dtype == torch.float16
+    with pytest.raises(Exception, match="(?i)convnet"):
+        run_pipeline({"name": "maps2", "output_dir": str(tmp_path / "run2"), "stages": [
+            {"name": "relabel", "inputs": {"data": str(corrupt), "teacher": str(res["teacher"].path)},
+             "params": {"sources": [{"source": "teacher"}], "label_maps": {"size": 4, "k": 3}}}]}, client)
