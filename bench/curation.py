@@ -49,10 +49,18 @@ def stage_times(run: Path) -> dict[str, Any]:
     finished = {e["stage"]: e for e in ev if e["event"] == "stage_finished"}
     cached = sorted({e["stage"] for e in ev if e["event"] == "stage_cached"})
     last = max((e["ts"] for e in finished.values()), default=None)
-    return {"seconds": {k: v.get("seconds") for k, v in finished.items()},
+    busy = {}
+    for name in finished:  # compute the stage's tasks used (wall "seconds" include waiting for a free worker)
+        manifest = run / name / "manifest.json"
+        if manifest.exists():
+            busy[name] = json.loads(manifest.read_text()).get("timings", {}).get("task_s_sum")
+    return {"seconds": {k: v.get("seconds") for k, v in finished.items()}, "task_seconds": busy,
+            "note": "seconds = wall time of the stage in the run, including time its tasks waited for a worker "
+                    "held by a concurrent stage; task_seconds = the sum of its tasks' own run times",
             "counts": {k: v.get("counts") for k, v in finished.items()},
             "cached": cached,
-            "run_wall_s": round(last - started[-1], 1) if started and last else None}
+            "run_wall_s": round(last - started[0], 1) if started and last else None,
+            "driver_runs": len(started)}  # > 1: the run was resumed (cached stages are not re-run)
 
 
 def _kept_per_class(run: Path, step: str) -> list[int] | None:
