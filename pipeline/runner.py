@@ -23,17 +23,19 @@ import os
 import shutil
 import threading
 import time
-import traceback
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pipeline.artifacts import (
     Artifact, ArtifactManifest, FileEntry, PartRecord, code_version, compute_artifact_id, now_iso,
 )
 from pipeline.atomic import sha256_file, write_json, write_text
-from pipeline.cluster import ClusterError, load_config, n_workers, profile_settings, worker_resources
+from pipeline.cluster import (
+    ClusterError, load_config, n_workers, profile_settings, worker_resources,
+)
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
 from pipeline.errors import DistilleryError
 from pipeline.events import EventLog
@@ -42,107 +44,20 @@ from pipeline.lock import RunLock
 from pipeline.plans import PLAN_FILE, load_plan, save_plan
 from pipeline.progress import RunDisplay, StageProgress
 from pipeline.stage import (
-    CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, TaskContext,
-    default_cache_dir, identity_params, part_name,
+    CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, default_cache_dir,
+    identity_params, part_name,
+)
+from pipeline.tasks import (  # noqa: F401  (execute_task, TaskSpec: re-exported for existing importers)
+    PROGRESS_TOPIC, TaskSpec, _differences, _failure, _json_line, execute_task, is_transient,
 )
 
 RUN_FILE = "run.json"
 FAILED_FILE = "failed.jsonl"
-PROGRESS_TOPIC = "distillery-progress"
 DEFAULT_WORKER_TIMEOUT = 60.0
 
 
 class RunError(DistilleryError):
     pass
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything a worker needs to run one task; small and picklable."""
-
-    stage_cls: type  # pickled by reference: workers import the stage's module
-    params: dict[str, Any]
-    task: Task
-    phase: str
-    out_dir: str
-    inputs: dict[str, str]
-    cache_dir: str
-    progress_key: str  # tags this stage's progress events
-
-
-def _worker_cache() -> dict[str, Any]:
-    """Per-worker-process object cache, so models load once per worker and not once per task."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return _PROCESS_CACHE
-    cache = getattr(worker, "_distillery_cache", None)
-    if cache is None:
-        cache = {}
-        worker._distillery_cache = cache
-    return cache
-
-
-_PROCESS_CACHE: dict[str, Any] = {}  # used only outside a Dask worker (serial execution)
-
-
-def _progress_reporter(key: str, min_interval: float = 0.5) -> Callable[[str, int, int, dict[str, Any]], None] | None:
-    """On a Dask worker: publish ``ctx.progress`` to the driver (throttled); elsewhere: nothing to report to."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return None
-    last = [0.0]
-
-    def report(task_id: str, done: int, total: int, metrics: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if done < total and now - last[0] < min_interval:
-            return
-        last[0] = now
-        worker.log_event(PROGRESS_TOPIC, {"key": key, "task": task_id, "done": done, "total": total,
-                                          "metrics": metrics})
-
-    return report
-
-
-def task_code(stage_cls: type) -> dict[str, Any]:
-    return {"fingerprint": code_fingerprint(stage_cls.__module__), "libraries": library_versions()}
-
-
-def execute_task(spec: TaskSpec) -> PartRecord:
-    """Worker entry point: run one task unless it is already committed, then commit it atomically."""
-    out_dir = Path(spec.out_dir)
-    marker = out_dir / ".parts" / f"{part_name(spec.phase, spec.task.id)}.json"
-    if marker.is_file():
-        return PartRecord.model_validate_json(marker.read_text())
-    stage = spec.stage_cls()
-    params = stage.Params.model_validate(spec.params)
-    inputs = {k: InputArtifact(Path(v)) for k, v in spec.inputs.items()}
-    ctx = TaskContext(out_dir, inputs, cache=_worker_cache(), task_id=spec.task.id, cache_dir=Path(spec.cache_dir),
-                      progress=_progress_reporter(spec.progress_key), phase=spec.phase)
-    t0 = time.perf_counter()
-    try:
-        info = stage.run(spec.task, params, ctx) or {}
-    except BaseException:
-        ctx.discard()
-        raise
-    return ctx.commit(spec.task.id, info, time.perf_counter() - t0, code=task_code(spec.stage_cls))
-
-
-def is_transient(err: BaseException) -> bool:
-    """Worth retrying: infrastructure trouble (lost workers, I/O, timeouts), not a bug or a bad input."""
-    try:
-        from distributed.comm.core import CommClosedError
-        from distributed.scheduler import KilledWorker
-
-        infra: tuple[type[BaseException], ...] = (KilledWorker, CommClosedError)
-    except ImportError:  # pragma: no cover
-        infra = ()
-    return isinstance(err, (OSError, TimeoutError, ConnectionError, *infra))
 
 
 @dataclass
@@ -233,10 +148,10 @@ class Runner:
     def close(self) -> None:
         self._stack.close()
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -648,27 +563,3 @@ class Runner:
         tmp = self.out_dir / f".{name}.link-{uuid.uuid4().hex[:12]}"
         os.symlink(path.name, tmp)
         os.replace(tmp, link)
-
-
-def _failure(task: Task, phase: str, err: BaseException, fut: Any, attempts: int) -> dict[str, Any]:
-    tb = ""
-    with contextlib.suppress(Exception):
-        tb = "".join(traceback.format_tb(fut.traceback()))
-    return {"task": task.id, "phase": phase, "attempts": attempts, "error": f"{type(err).__name__}: {err}",
-            "traceback": tb}
-
-
-def _differences(part_code: dict[str, Any], code: str, libs: dict[str, str]) -> list[str]:
-    out = []
-    if part_code.get("fingerprint") != code:
-        out.append("code")
-    theirs = part_code.get("libraries") or {}
-    out.extend(f"{k} ({theirs.get(k)} -> {libs.get(k)})" for k in sorted(libs.keys() | theirs.keys())
-               if theirs.get(k) != libs.get(k))
-    return out
-
-
-def _json_line(obj: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True, default=str) + "\n"
