@@ -3,8 +3,9 @@
 
     distillery run manifests/cifar10-noisy.yaml
     python bench/relabel.py runs/cifar10-noisy                     # -> bench/results/relabel-cifar10.json + .png
+    python bench/relabel.py runs/a runs/b --name N                  # steps from several runs (first run wins)
 
-For every ``relabel-<source>-<pct>`` step the flags and the noise score are compared with the truth the corrupt
+For every ``relabel-[ext-]<source>-<pct>`` step (``ext``: the external labeller) the flags and the noise score are compared with the truth the corrupt
 stage recorded (``noise.parquet`` of the labels' pool): precision, recall and F1 of the flagged set, AUROC and AUPRC
 of the noise score, the estimated against the actual noise rate, and how many of the training labels are right
 before and after (relabelled rows counted at their new label, dropped rows left out). Every ``val-*`` step gives
@@ -31,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, write_result  # noqa: E402
 
-RELABEL = re.compile(r"^relabel-(?P<source>[a-z]+)-(?P<pct>\d+)$")
-VAL = re.compile(r"^val-(?P<what>[a-z]+)(?:-(?P<pct>\d+))?$")
+RELABEL = re.compile(r"^relabel-(?:(?P<ext>ext)-)?(?P<source>[a-z]+)-(?P<pct>\d+)$")
+VAL = re.compile(r"^val-(?P<what>(?:ext-)?[a-z]+)(?:-(?P<pct>\d+))?$")
+LABELLER = {None: "out-of-fold", "ext": "external"}
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -84,19 +86,35 @@ def evaluate_labels(labels_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndar
     return out, {"fpr": fpr, "tpr": tpr}
 
 
-def accuracies(run: Path) -> dict[str, Any]:
+def steps(runs: list[Path], pattern: re.Pattern[str]) -> dict[str, Path]:
+    """Finished steps whose name matches, from several run directories (the first run that has a step wins)."""
+    found: dict[str, Path] = {}
+    for run in runs:
+        for d in sorted(p for p in run.iterdir() if p.is_symlink() and pattern.match(p.name)):
+            if d.name not in found and (d / "manifest.json").exists():
+                found[d.name] = d
+    return found
+
+
+def provenance(d: Path) -> dict[str, str]:
+    m = _manifest(d)
+    return {"artifact": d.resolve().name, "code_version": m.get("code_version"),
+            "code_fingerprint": m.get("code_fingerprint")}
+
+
+def accuracies(runs: list[Path]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for d in sorted(p for p in run.iterdir() if p.is_symlink() and VAL.match(p.name)):
+    for name, d in steps(runs, VAL).items():
         path = d / "metrics.json"
         if not path.exists():
             continue
         mm = json.loads(path.read_text())
-        rows[d.name[4:]] = {"n_train": mm.get("n_train"), "top1_mean": round(mm["top1_mean"], 2),
-                            "top1_std": round(mm["top1_std"], 2), "seeds": mm.get("seeds")}
+        rows[name[4:]] = {"n_train": mm.get("n_train"), "top1_mean": round(mm["top1_mean"], 2),
+                          "top1_std": round(mm["top1_std"], 2), "seeds": mm.get("seeds"), **provenance(d)}
     clean = rows.get("clean", {}).get("top1_mean")
     for pct in sorted({k.split("-")[-1] for k in rows if k.startswith("noisy-")}):
         noisy = rows.get(f"noisy-{pct}", {}).get("top1_mean")
-        for what in ("relabel", "drop"):
+        for what in ("relabel", "drop", "ext-relabel", "ext-drop"):
             r = rows.get(f"{what}-{pct}")
             if r and clean is not None and noisy is not None and clean != noisy:
                 r["gap_recovered"] = round((r["top1_mean"] - noisy) / (clean - noisy), 3)
@@ -113,8 +131,9 @@ def plot(flags: dict[str, Any], curves: dict[str, dict[str, np.ndarray]], acc: d
         for name, v in sorted(flags.items()):
             if v["pct"] == pct and v["source"] != "drop":  # drop: the combined flags, another action
                 c = curves[name]
-                ax.plot(c["fpr"], c["tpr"], label=f"{v['source']} (AUROC {v['auroc']}, P {v['precision']}, "
-                                                  f"R {v['recall']})")
+                ax.plot(c["fpr"], c["tpr"], ls="--" if v["labeller"] == "external" else "-",
+                        label=f"{v['labeller']} {v['source']} (AUROC {v['auroc']}, P {v['precision']}, "
+                              f"R {v['recall']})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
         ax.set(title=f"{pct}% symmetric noise", xlabel="false positive rate (log)", ylabel="true positive rate")
         ax.set_xscale("log")
@@ -177,37 +196,36 @@ def speed() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("run", type=Path, nargs="*")
     ap.add_argument("--name", default="relabel-cifar10")
     ap.add_argument("--speed", action="store_true", help="confident learning: ours against cleanlab")
     a = ap.parse_args()
-    if a.speed or a.run is None:
+    if a.speed or not a.run:
         speed()
         return
     flags: dict[str, Any] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
-    for d in sorted(p for p in a.run.iterdir() if p.is_symlink() and RELABEL.match(p.name)):
-        if not (d / "manifest.json").exists():
-            continue
-        g = RELABEL.match(d.name)
+    for name, d in steps(a.run, RELABEL).items():
+        g = RELABEL.match(name)
         res, curve = evaluate_labels(d)
-        flags[d.name] = {"source": g["source"], "pct": int(g["pct"]), **res}
-        curves[d.name] = curve
+        flags[name] = {"source": g["source"], "labeller": LABELLER[g["ext"]], "pct": int(g["pct"]), **res,
+                       **provenance(d)}
+        curves[name] = curve
     acc = accuracies(a.run)
     png = RESULTS / f"{a.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(flags, curves, acc, png)
     from common import machine_load
 
-    out = write_result(a.name, {"run": str(a.run.resolve()), "flags": flags, "accuracy": acc, "plot": png.name,
+    out = write_result(a.name, {"runs": [str(r.resolve()) for r in a.run], "flags": flags, "accuracy": acc, "plot": png.name,
                                 "load": machine_load(),
                                 "note": "measured on a shared 2-core machine (other engineers' jobs running)"})
     for name, v in flags.items():
-        print(f"{name:26s} P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} AUROC {v['auroc']} "
+        print(f"{name:30s} P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} AUROC {v['auroc']} "
               f"est.noise {v['noise_rate_estimated']:.3f} (actual {v['noise_rate_actual']:.3f}) "
               f"labels right {v['label_accuracy_given']:.3f} -> {v['label_accuracy_after']:.3f}")
     for name, v in acc.items():
-        print(f"val-{name:12s} {v['top1_mean']:.2f} ± {v['top1_std']:.2f}" +
+        print(f"val-{name:16s} {v['top1_mean']:.2f} ± {v['top1_std']:.2f}" +
               (f"  gap recovered {v['gap_recovered']}" if "gap_recovered" in v else ""))
     print(out)
 

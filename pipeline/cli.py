@@ -42,7 +42,8 @@ def run(
     manifest: Path = typer.Argument(..., help="pipeline manifest (YAML)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. stages.shard.samples_per_shard=500"),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="cluster profile from dask_config.yaml"),
-    until: Optional[str] = typer.Option(None, "--until", help="run this stage and what it needs, then stop"),
+    until: Optional[List[str]] = typer.Option(None, "--until", help="run this stage and what it needs, then stop "
+                                              "(repeat it to name several)"),
     force: Optional[List[str]] = typer.Option(None, "--force", help="re-run this stage (and everything downstream)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -53,7 +54,7 @@ def run(
         m = load_manifest(manifest, overrides or [])
         with Runner(m, where=str(manifest), overrides=overrides or [], profile=cluster,
                     show_progress=progress) as runner:
-            results = runner.run(until=until, force=force or [])
+            results = runner.run(until=until or None, force=force or [])
     except DistilleryError as e:
         _fail(str(e))
         return

@@ -193,19 +193,22 @@ class Runner:
                                "the run stops here: committed tasks are kept, re-run to resume")
 
     # -- DAG ---------------------------------------------------------------------------------------
-    def selected(self, until: str | None) -> list[ResolvedStage]:
-        if until is None:
+    def selected(self, until: str | Sequence[str] | None) -> list[ResolvedStage]:
+        """The steps ``until`` (one step name or several) needs, itself included; every step when it is None."""
+        if until is None or (not isinstance(until, str) and not until):
             return self.steps
+        wanted = [until] if isinstance(until, str) else list(until)
         names = [s.name for s in self.steps]
-        if until not in names:
-            raise RunError(f"--until {until}: no such stage (have: {', '.join(names)})")
-        needed = {until}
+        for name in wanted:
+            if name not in names:
+                raise RunError(f"--until {name}: no such stage (have: {', '.join(names)})")
+        needed = set(wanted)
         for step in reversed(self.steps):
             if step.name in needed:
                 needed.update(step.inputs.values())
         return [s for s in self.steps if s.name in needed]
 
-    def run(self, until: str | None = None, force: Sequence[str] = ()) -> list[StageResult]:
+    def run(self, until: str | Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StageResult]:
         names = {s.name for s in self.steps}
         for f in force:
             if f not in names:

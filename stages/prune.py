@@ -25,7 +25,7 @@ from pipeline.stage import (STAGES, FinalizeContext, InputArtifact, PlanContext,
                             TaskContext, execution_only)
 from stages.pruning import Target, create_pruner
 from stages.pruning.step import resolve_pool, run_step, step_rows
-from stages.selections.store import load_selection, write_selection_outputs
+from stages.selections.store import load_selection, pool_rows, write_selection_outputs
 
 
 class PruneParams(StageParams):
@@ -75,8 +75,10 @@ class PruneStage(Stage[PruneParams]):
     version = "1"
     Params = PruneParams
     input_kinds = {"clusters": ("clusters",), "embeddings": ("embeddings",), "teacher": ("model",),
-                   "selection": ("selection",), "shards": ("shards",)}
-    optional_inputs = ("clusters", "embeddings", "teacher", "selection", "shards")  # the method says which it reads
+                   "selection": ("selection",), "shards": ("shards",), "exclude": ("selection", "shards")}
+    # the method says which it reads; ``exclude``: rows (by uid, any pool) that are never candidates, e.g. the
+    # complement of a held-out pool: {method: random, fraction: 1.0, inputs: {shards: shard, exclude: pool}}
+    optional_inputs = ("clusters", "embeddings", "teacher", "selection", "shards", "exclude")
     output_kind = "selection"
 
     def plan(self, inputs: dict[str, InputArtifact], params: PruneParams, ctx: PlanContext) -> list[Task]:
@@ -99,7 +101,11 @@ class PruneStage(Stage[PruneParams]):
             prior_stage = ctx.inputs["selection"].manifest.stage
         rows, passed, carried = step_rows(pool, params.split, prior, prior_stage or "", paths.get("clusters"))
         pruner = create_pruner(params.method)
-        res = run_step(pruner, rows, paths, Target(params.fraction, params.count), params.seed, passed, carried)
+        exclude = None
+        if "exclude" in paths:
+            exclude = pool_rows(paths["exclude"], None, ["uid"])["uid"].combine_chunks()
+        res = run_step(pruner, rows, paths, Target(params.fraction, params.count), params.seed, passed, carried,
+                       exclude)
         write_selection_outputs(ctx, res.kept, res.dropped)
         if res.clusters is not None:
             pq.write_table(res.clusters, ctx.output("per_cluster.parquet"))

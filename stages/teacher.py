@@ -2,6 +2,8 @@
 
 With ``folds: K`` (K >= 2) the stage trains K models on K folds, so every training sample gets predictions
 from a model that never saw it (``oof_predictions.parquet``): what label-noise detection needs.
+Every teacher lists the rows it trained on (``trained_on.parquet``: uid, sha256), so a teacher trained on other
+data can label a pool after showing it never saw any of the pool's images (``stages/labeling/teacher.py``).
 
 Checkpoint format ``distillery.teacher.v2`` (``teachers/fold_{k}.pt``), loadable with ``torch.load(...,
 weights_only=True)`` (tensors, strings, numbers, lists and dicts only): network (create_network kwargs),
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ from stages.train.stage_support import (TrainingParams, device, model_space, opt
                                         recipe_identity, trainset)
 
 TEACHER_FORMAT = "distillery.teacher.v2"
+TRAINED_ON_FILE = "trained_on.parquet"
 
 
 class TeacherParams(TrainingParams):
@@ -45,6 +49,24 @@ def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     out = np.empty(n, dtype=np.int64)
     out[perm] = np.arange(n) % folds
     return out
+
+
+def trained_on_table(data: Path, uids: list[str]) -> pa.Table:
+    """uid and content sha256 of the rows a teacher trained on (sha256 null where the pool records none, or the
+    training set has no pool: a synthetic set has no uids at all and gives an empty table)."""
+    from pipeline.errors import InputError
+    from stages.sharding.pool import find_pool
+
+    uid = pa.array(uids, pa.string())
+    sha = pa.nulls(len(uids), pa.string())
+    try:
+        index = pq.read_table(find_pool(data) / "index.parquet", columns=["uid", "sha256"])
+    except (InputError, KeyError, OSError, pa.ArrowInvalid):  # no pool, or one without content hashes
+        index = None
+    if index is not None and len(uids):
+        pos = pc.index_in(uid, value_set=index["uid"].combine_chunks())
+        sha = pc.take(index["sha256"].combine_chunks().cast(pa.string()), pos)
+    return pa.table({"uid": uid, "sha256": sha})
 
 
 def save_teacher(path: Path, payload: dict[str, Any], space: ModelSpace) -> None:
@@ -115,7 +137,7 @@ def load_teacher(artifact: str | Path, fold: int = 0) -> Teacher:
 @STAGES.register()
 class TeacherStage(Stage[TeacherParams]):
     name = "teacher"
-    version = "2"  # 2: pool-statistics model space, weights-only checkpoints (format v2)
+    version = "3"  # 2: pool-statistics model space, weights-only checkpoints (format v2); 3: trained_on.parquet
     Params = TeacherParams
     input_kinds = {"data": TRAINING_KINDS}
     output_kind = "model"
@@ -145,6 +167,8 @@ class TeacherStage(Stage[TeacherParams]):
         res = train(images, targets, recipe, num_classes=ts.num_classes, seed=params.seed + k, device=dev, test=test,
                     space=space, soft_labels=ts.soft_labels, checkpoint_dir=ctx.checkpoint_dir,
                     callback=progress_callback(ctx, recipe.total_epochs))
+        if k == 0:  # the union of every fold's training rows is the whole training set
+            pq.write_table(trained_on_table(inp.path, list(ts.uids or [])), ctx.output(TRAINED_ON_FILE))
         info: dict[str, Any] = {"fold": k, "n_train": len(train_idx), "test": res.test,
                                 "images_per_sec": res.images_per_sec, "wall_time": res.wall_time,
                                 "model_space": space.describe(), "model_space_source": space_info}

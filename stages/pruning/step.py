@@ -110,17 +110,22 @@ def _with(table: pa.Table, name: str, values: Any) -> pa.Table:
 
 
 def run_step(pruner: Pruner, rows: pa.Table, inputs: dict[str, Path], target: Target, seed: int,
-             passed: pa.Table | None = None, carried: pa.Table | None = None) -> StepResult:
-    """Prepare the method's columns, drop rows lacking them, let the method decide, and build the tables."""
+             passed: pa.Table | None = None, carried: pa.Table | None = None,
+             exclude: pa.Array | None = None) -> StepResult:
+    """Prepare the method's columns, drop rows lacking them or held out (``exclude``: uids that are never
+    candidates), let the method decide, and build the tables."""
     name = pruner.name
     rows = pruner.prepare(rows, inputs)
     lacking = np.zeros(rows.num_rows, dtype=bool)
     why_lacking = np.full(rows.num_rows, None, dtype=object)
+    if exclude is not None:
+        lacking = pc.is_in(rows["uid"], value_set=exclude).to_numpy(zero_copy_only=False).copy()
+        why_lacking[lacking] = "excluded: held out by the exclude input"
     for col in pruner.required:
         null = pc.is_null(rows[col], nan_is_null=True).to_numpy(zero_copy_only=False)
         why_lacking[null & ~lacking] = f"{name}: no {col}"
         lacking |= null
-    if rows.num_rows and lacking.all():
+    if rows.num_rows and lacking.all() and exclude is None:
         cols = ", ".join(pruner.required)
         raise InputError(f"prune: none of the {rows.num_rows} candidate rows has a {cols} for method '{name}' "
                          f"(is the {'/'.join(pruner.needs) or 'input'} artifact about another pool or split?)")

@@ -9,6 +9,7 @@ import pytest
 import dummy_stages  # noqa: F401  (registers count-labels)
 from conftest import REPO, make_tree, run_pipeline
 from pipeline.config import ManifestError, PipelineManifest, load_manifest, resolve
+from pipeline.runner import RunError
 
 
 def two_stage(tmp: Path, src: Path) -> dict:
@@ -37,6 +38,11 @@ def test_cache_invalidation_until_and_force(tmp_path, client):
     # --until stops after the named stage
     r = run_pipeline(m, client, until="shard", overrides=["stages.shard.samples_per_shard=7"])
     assert [x.name for x in r] == ["shard"]
+    # --until repeated: every named step and what they need; an unknown name fails before anything runs
+    r = run_pipeline(m, client, until=["count", "shard"])
+    assert [x.name for x in r] == ["shard", "count"]
+    with pytest.raises(RunError, match="--until nope: no such stage"):
+        run_pipeline(m, client, until=["shard", "nope"])
     # --force re-runs the stage and what depends on it
     r = run_pipeline(m, client, force=["shard"])
     assert [x.status for x in r] == ["ran", "ran"]

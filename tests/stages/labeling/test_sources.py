@@ -71,11 +71,14 @@ def test_combine_is_the_weighted_average(tmp_path, monkeypatch):
         src.check({"teacher": tmp_path})
 
 
-def test_a_teacher_without_folds_is_refused(tmp_path):
+def test_a_teacher_without_folds_gives_no_out_of_fold_labels(tmp_path):
     t = write_manifest(tmp_path / "t", "model", "teacher", params={"folds": 1})
     with pytest.raises(InputError, match="folds: K"):
         teacher_folds(t)
     with pytest.raises(InputError, match="folds: K"):
+        create_label_source({"source": "teacher", "mode": "out_of_fold"}).check({"teacher": t})
+    # by default a one-fold teacher is an external labeller, which must show what it trained on
+    with pytest.raises(InputError, match="nothing shows which rows it trained on"):
         create_label_source("teacher").check({"teacher": t})
 
 
