@@ -79,6 +79,24 @@ def compute_artifact_id(
                            "fingerprint": fingerprint, "code": code})
 
 
+def step_identity(step: Any, ids: dict[str, str]) -> tuple[str, dict[str, str], str, str]:
+    """(artifact id, input ids, source fingerprint, code fingerprint) of a resolved step whose inputs have the
+    artifact ids ``ids`` (by step name or path): its stage name and version, parameters (``execution_only`` ones
+    excluded), what ``Stage.identity`` adds, the input ids, the source fingerprint and the stage's code."""
+    from pipeline.fingerprint import code_fingerprint
+    from pipeline.stage import identity_params
+
+    stage = step.stage()
+    input_ids = {k: ids[v] for k, v in step.inputs.items()}
+    params = identity_params(step.params)
+    extra = stage.identity(step.params)
+    if extra:
+        params = {**params, "__identity__": extra}
+    fp = stage.fingerprint(step.params)
+    code = code_fingerprint(step.stage_cls.__module__)
+    return compute_artifact_id(stage.name, stage.version, params, input_ids, fp, code), input_ids, fp, code
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """``git describe`` of the source tree when it is a checkout, else the installed package version."""

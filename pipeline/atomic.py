@@ -75,3 +75,12 @@ def canonical_hash(obj: Any) -> str:
     """sha256 of the canonical JSON form of ``obj``: the basis of artifact ids."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def symlink(link: str | os.PathLike[str], target: str) -> None:
+    """Point ``link`` at ``target`` (relative to the link's folder), switched atomically: a reader sees the old or
+    the new target, never no link."""
+    link = Path(link)
+    tmp = link.parent / f".{link.name}.link-{uuid.uuid4().hex[:12]}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -291,3 +292,50 @@ def worker_resources(client: Any) -> list[dict[str, float]]:
 
 def n_workers(client: Any) -> int:
     return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+
+
+def task_resources(wanted: dict[str, float], offered: list[dict[str, float]], step: str) -> tuple[
+        dict[str, float] | None, list[str]]:
+    """(the Dask resources to ask for, the wanted ones no worker offers and that are skipped). A missing GPU is
+    skipped (the task runs on CPU workers); any other shortfall is a ``ClusterError`` naming the step. Memory is
+    checked against the workers' limits, never asked for as a Dask resource."""
+    out: dict[str, float] = {}
+    skipped: list[str] = []
+    for res, amount in wanted.items():
+        best = max((w.get(res, 0.0) for w in offered), default=0.0)
+        if best == 0 and res == "GPU":
+            skipped.append(res)
+            continue
+        if best < amount:
+            raise ClusterError(f"stage {step}: a task needs {res}={amount:g} but the largest worker offers "
+                               f"{res}={best:g}; lower stages[{step}].resources or add bigger workers")
+        if res != "memory":
+            out[res] = amount
+    return out or None, skipped
+
+
+def wait_any(client: Any, futures: list[Any], worker_timeout: float, on_no_workers: Any = None) -> set[Any]:
+    """The futures among ``futures`` that finished. Never hangs: a ``TimeoutError`` (naming the scheduler) after
+    ``worker_timeout`` seconds without a single worker, or a ``ConnectionError`` when the scheduler is gone;
+    ``on_no_workers()`` is called once when the workers disappear."""
+    from distributed import wait
+
+    no_workers_since: float | None = None
+    while True:
+        try:
+            return set(wait(futures, timeout=1.0, return_when="FIRST_COMPLETED").done)
+        except TimeoutError:
+            pass
+        if getattr(client, "status", "running") not in ("running", "connecting"):
+            raise ConnectionError("lost the connection to the Dask scheduler")
+        if n_workers(client) > 0:
+            no_workers_since = None
+            continue
+        now = time.monotonic()
+        if no_workers_since is None:
+            no_workers_since = now
+            if on_no_workers is not None:
+                on_no_workers()
+        elif now - no_workers_since > worker_timeout:
+            where = getattr(getattr(client, "scheduler", None), "address", "")
+            raise TimeoutError(f"no Dask worker for {worker_timeout:.0f} s (all died, or none ever joined {where})")

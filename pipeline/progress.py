@@ -92,3 +92,21 @@ class StageProgress:
                 for row in self._rows.values():
                     p.remove_task(row)
                 self._rows.clear()
+
+
+def progress_handler(bar: StageProgress, emit: Any, every_s: float = 5.0) -> Any:
+    """A handler for the workers' ``ctx.progress`` reports of one stage phase: every report to its display row,
+    one per task every ``every_s`` seconds (and the last) to ``emit(task=, done=, total=, metrics=)``."""
+    import time
+
+    last: dict[str, float] = {}
+
+    def handler(msg: dict[str, Any]) -> None:
+        task, done, total = msg["task"], msg["done"], msg["total"]
+        bar.task_progress(task, done, total, msg.get("metrics") or {})
+        now = time.monotonic()
+        if done >= total or now - last.get(task, 0.0) >= every_s:
+            last[task] = now
+            emit(task=task, done=done, total=total, metrics=msg.get("metrics") or {})
+
+    return handler

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -75,6 +75,18 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"unknown {self.family} '{name}'; available: {', '.join(sorted(self.names())) or '(none)'}"
             ) from None
+
+    def create(self, spec: Any, key: str, error: type[Exception] = ValueError) -> Any:
+        """Build a member class from its spec: ``{key: name, ...params}``, a bare name (its defaults) or a pydantic
+        model (its dump), as ``cls(cls.Params.model_validate(spec))``; ``error`` when the spec names no member."""
+        if hasattr(spec, "model_dump"):
+            spec = spec.model_dump()
+        if isinstance(spec, str):
+            spec = {key: spec}
+        if key not in spec:
+            raise error(f"a {self.family} needs '{key}' (one of: {', '.join(self.names())})")
+        cls: Any = self.get(spec[key])
+        return cls(cls.Params.model_validate(spec))
 
     def names(self) -> list[str]:
         self._discover()

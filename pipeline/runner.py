@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import shutil
 import threading
 import time
@@ -30,25 +29,25 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import (
-    Artifact, ArtifactManifest, FileEntry, PartRecord, code_version, compute_artifact_id, now_iso,
+    Artifact, ArtifactManifest, FileEntry, PartRecord, code_version, now_iso, step_identity,
 )
-from pipeline.atomic import sha256_file, write_json, write_text
+from pipeline.atomic import sha256_file, symlink, write_json, write_text
 from pipeline.cluster import (
-    ClusterError, load_config, n_workers, profile_settings, worker_resources,
+    ClusterError, load_config, profile_settings, task_resources, wait_any, worker_resources,
 )
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
+from pipeline.dag import downstream_counts, forced_closure, needed_by, run_dag
 from pipeline.errors import DistilleryError
 from pipeline.events import EventLog
-from pipeline.fingerprint import code_fingerprint, library_versions
 from pipeline.lock import RunLock
 from pipeline.plans import PLAN_FILE, load_plan, save_plan
-from pipeline.progress import RunDisplay, StageProgress
+from pipeline.progress import RunDisplay, StageProgress, progress_handler
 from pipeline.stage import (
     CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, default_cache_dir,
-    identity_params, part_name,
+    part_name,
 )
 from pipeline.tasks import (  # noqa: F401  (execute_task, TaskSpec: re-exported for existing importers)
-    PROGRESS_TOPIC, TaskSpec, _differences, _failure, _json_line, execute_task, is_transient,
+    PROGRESS_TOPIC, TaskSpec, _failure, _json_line, execute_task, is_transient, stale_parts,
 )
 
 RUN_FILE = "run.json"
@@ -69,16 +68,6 @@ class StageResult:
     status: str  # cached | ran | external
     seconds: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
-
-
-def downstream_counts(steps: Sequence[ResolvedStage]) -> dict[str, int]:
-    """How many steps depend on each step, directly or through others (steps come in topological order)."""
-    below: dict[str, set[str]] = {s.name: set() for s in steps}
-    for step in reversed(steps):
-        for up in step.inputs.values():
-            if up in below:
-                below[up] |= below[step.name] | {step.name}
-    return {name: len(v) for name, v in below.items()}
 
 
 class Runner:
@@ -167,46 +156,27 @@ class Runner:
 
     def _wait_any(self, futures: list[Any], cancel_on_timeout: Sequence[Any]) -> set[Any]:
         """Futures among ``futures`` that finished; raises ``RunError`` after ``worker_timeout`` without workers."""
-        from distributed import wait
-
-        no_workers_since: float | None = None
-        while True:
-            try:
-                return set(wait(futures, timeout=1.0, return_when="FIRST_COMPLETED").done)
-            except TimeoutError:
-                pass
-            if getattr(self.client, "status", "running") not in ("running", "connecting"):
-                raise RunError("lost the connection to the Dask scheduler; committed tasks are kept, re-run to resume")
-            if n_workers(self.client) > 0:
-                no_workers_since = None
-                continue
-            now = time.monotonic()
-            if no_workers_since is None:
-                no_workers_since = now
-                self.events.emit("no_workers", timeout_s=self.worker_timeout)
-            elif now - no_workers_since > self.worker_timeout:
-                for f in cancel_on_timeout:
-                    f.cancel()
-                self.events.emit("no_workers_timeout", timeout_s=self.worker_timeout)
-                raise RunError(f"no Dask worker for {self.worker_timeout:.0f} s (all died, or none ever joined "
-                               f"{getattr(self.client, 'scheduler', None) and self.client.scheduler.address}); "
-                               "the run stops here: committed tasks are kept, re-run to resume")
+        try:
+            return wait_any(self.client, futures, self.worker_timeout,
+                            lambda: self.events.emit("no_workers", timeout_s=self.worker_timeout))
+        except ConnectionError as e:
+            raise RunError(f"{e}; committed tasks are kept, re-run to resume") from None
+        except TimeoutError as e:
+            for f in cancel_on_timeout:
+                f.cancel()
+            self.events.emit("no_workers_timeout", timeout_s=self.worker_timeout)
+            raise RunError(f"{e}; the run stops here: committed tasks are kept, re-run to resume") from None
 
     # -- DAG ---------------------------------------------------------------------------------------
     def selected(self, until: str | Sequence[str] | None) -> list[ResolvedStage]:
         """The steps ``until`` (one step name or several) needs, itself included; every step when it is None."""
         if until is None or (not isinstance(until, str) and not until):
             return self.steps
-        wanted = [until] if isinstance(until, str) else list(until)
-        names = [s.name for s in self.steps]
-        for name in wanted:
-            if name not in names:
-                raise RunError(f"--until {name}: no such stage (have: {', '.join(names)})")
-        needed = set(wanted)
-        for step in reversed(self.steps):
-            if step.name in needed:
-                needed.update(step.inputs.values())
-        return [s for s in self.steps if s.name in needed]
+        try:
+            return needed_by(self.steps, [until] if isinstance(until, str) else list(until))
+        except KeyError as e:
+            raise RunError(f"--until {e.args[0]}: no such stage (have: {', '.join(s.name for s in self.steps)})") \
+                from None
 
     def run(self, until: str | Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StageResult]:
         names = {s.name for s in self.steps}
@@ -224,19 +194,15 @@ class Runner:
                 self.display = RunDisplay(enabled=False)
 
     def _run_locked(self, selected: list[ResolvedStage], forced: set[str]) -> list[StageResult]:
-        """Run the selected steps as a DAG: every step whose inputs are done starts, up to ``parallel_stages`` at
-        once (their tasks share the cluster); on a failure no new step starts, running ones finish."""
-        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
+        """Run the selected steps as a DAG (``pipeline/dag.py``): up to ``parallel_stages`` at once, their tasks
+        sharing the cluster; on a failure no new step starts, running ones finish."""
         results: dict[str, StageResult] = self.external_inputs()
         record: dict[str, Any] = {
             "manifest": self.manifest.model_dump(mode="json"), "manifest_path": self.where,
             "overrides": self.overrides, "order": [s.name for s in self.steps], "started": now_iso(),
             "code_version": code_version(), "stages": {},
         }
-        for step in selected:  # force propagates downstream, decided before anything runs
-            if any(u in forced for u in step.inputs.values()):
-                forced.add(step.name)
+        forced = forced_closure(selected, forced)  # decided before anything runs
         self.events.emit("run_started", manifest=self.where, stages=[s.name for s in self.steps])
         if self._needs_cluster(selected, forced, results):
             self.client  # noqa: B018 - started here: its context must be entered and left in this thread
@@ -258,33 +224,11 @@ class Runner:
                     note(step.name, status="failed")
                 raise
 
-        pending = list(selected)
-        running: dict[Future[StageResult], ResolvedStage] = {}
-        error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=self.parallel_stages, thread_name_prefix="stage") as pool:
-            while pending or running:
-                if error is None:
-                    ready = [s for s in pending if all(u in results for u in s.inputs.values())]
-                    for step in sorted(ready, key=lambda s: -self._priority.get(s.name, 0)):  # stable: else in order
-                        if len(running) >= self.parallel_stages:
-                            break
-                        pending.remove(step)
-                        running[pool.submit(one, step)] = step
-                if not running:
-                    break
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    step = running.pop(fut)
-                    try:
-                        res = fut.result()
-                    except BaseException as e:  # noqa: BLE001 - re-raised once the running steps finish
-                        error = error or e
-                        continue
-                    results[step.name] = res
-                    note(step.name, artifact_id=res.artifact_id, path=str(res.path), status=res.status,
-                         seconds=round(res.seconds, 3), counts=res.counts)
-        if error is not None:
-            raise error
+        def finished(step: ResolvedStage, res: StageResult) -> None:
+            note(step.name, artifact_id=res.artifact_id, path=str(res.path), status=res.status,
+                 seconds=round(res.seconds, 3), counts=res.counts)
+
+        run_dag(selected, results, one, self.parallel_stages, self._priority, finished)
         record["finished"] = now_iso()
         with self._record_lock:
             write_json(self.out_dir / RUN_FILE, record)
@@ -311,20 +255,9 @@ class Runner:
 
     def _identify(self, step: ResolvedStage, ids: dict[str, str]) -> tuple[str, dict[str, str], str, str]:
         key = (step.name, tuple(sorted((k, ids[v]) for k, v in step.inputs.items())))
-        cached = self._identities.get(key)
-        if cached is not None:
-            return cached
-        stage = step.stage()
-        input_ids = {k: ids[v] for k, v in step.inputs.items()}
-        params = identity_params(step.params)
-        extra = stage.identity(step.params)
-        if extra:
-            params = {**params, "__identity__": extra}
-        fp = stage.fingerprint(step.params)
-        code = code_fingerprint(step.stage_cls.__module__)
-        out = compute_artifact_id(stage.name, stage.version, params, input_ids, fp, code), input_ids, fp, code
-        self._identities[key] = out
-        return out
+        if key not in self._identities:
+            self._identities[key] = step_identity(step, ids)
+        return self._identities[key]
 
     def _needs_cluster(self, selected: list[ResolvedStage], forced: set[str],
                        results: dict[str, StageResult]) -> bool:
@@ -431,11 +364,8 @@ class Runner:
     def _usable_parts(self, step: ResolvedStage, art: Artifact, code: str) -> dict[str, PartRecord]:
         """Committed parts, minus those written by other code or library versions (re-run, never mixed in)."""
         committed = art.committed_parts()
-        libs = library_versions()
-        stale = {n: r for n, r in committed.items()
-                 if r.code and (r.code.get("fingerprint") != code or r.code.get("libraries") != libs)}
+        stale, diff = stale_parts(committed, code)
         if stale:
-            diff = sorted({k for r in stale.values() for k in _differences(r.code, code, libs)})
             self.events.emit("parts_stale", stage=step.name, parts=sorted(stale), differs=diff)
             from pipeline.events import log
 
@@ -459,20 +389,14 @@ class Runner:
         wanted = dict(step.spec.resources if step.spec.resources is not None else stage.resources)
         if not wanted:
             return None
-        offered = worker_resources(self.client)
-        out: dict[str, float] = {}
-        for res, amount in wanted.items():
-            best = max((w.get(res, 0.0) for w in offered), default=0.0)
-            if best == 0 and res == "GPU":
-                self.events.emit("resources_unavailable", stage=step.name, missing=[res],
-                                 note="no worker offers a GPU: running on CPU workers")
-                continue
-            if best < amount:
-                raise RunError(f"stage {step.name}: a task needs {res}={amount:g} but the largest worker offers "
-                               f"{res}={best:g}; lower stages[{step.name}].resources or add bigger workers")
-            if res != "memory":  # memory is checked against worker limits, not a Dask resource
-                out[res] = amount
-        return out or None
+        try:
+            out, skipped = task_resources(wanted, worker_resources(self.client), step.name)
+        except ClusterError as e:
+            raise RunError(str(e)) from None
+        if skipped:
+            self.events.emit("resources_unavailable", stage=step.name, missing=skipped,
+                             note="no worker offers a GPU: running on CPU workers")
+        return out
 
     def _execute(self, stage: Stage[Any], step: ResolvedStage, phase: str, tasks: list[Task], pending: list[Task],
                  inputs: dict[str, InputArtifact], path: Path, code: str) -> dict[str, PartRecord]:
@@ -541,20 +465,9 @@ class Runner:
 
     @contextlib.contextmanager
     def _progress_events(self, key: str, stage_name: str, bar: StageProgress) -> Any:
-        """Route the workers' ``ctx.progress`` reports for this stage phase to its display rows and (throttled)
-        to events.jsonl."""
-        last: dict[str, float] = {}
-
-        def handler(msg: dict[str, Any]) -> None:
-            task, done, total = msg["task"], msg["done"], msg["total"]
-            bar.task_progress(task, done, total, msg.get("metrics") or {})
-            now = time.monotonic()
-            if done >= total or now - last.get(task, 0.0) >= 5.0:
-                last[task] = now
-                self.events.emit("task_progress", stage=stage_name, task=task, done=done, total=total,
-                                 metrics=msg.get("metrics") or {})
-
-        self._progress_handlers[key] = handler
+        """Route the workers' progress reports for this stage phase to its display rows and events.jsonl."""
+        self._progress_handlers[key] = progress_handler(
+            bar, lambda **kw: self.events.emit("task_progress", stage=stage_name, **kw))
         try:
             yield
         finally:
@@ -562,7 +475,4 @@ class Runner:
 
     def _link(self, name: str, path: Path) -> None:
         """``<run>/<stage>`` -> the current artifact, switched atomically."""
-        link = self.out_dir / name
-        tmp = self.out_dir / f".{name}.link-{uuid.uuid4().hex[:12]}"
-        os.symlink(path.name, tmp)
-        os.replace(tmp, link)
+        symlink(self.out_dir / name, path.name)

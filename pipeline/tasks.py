@@ -128,3 +128,12 @@ def _json_line(obj: dict[str, Any]) -> str:
     import json
 
     return json.dumps(obj, sort_keys=True, default=str) + "\n"
+
+
+def stale_parts(committed: dict[str, PartRecord], code: str) -> tuple[dict[str, PartRecord], list[str]]:
+    """(the committed parts written by other stage code or library versions, what differs): they are re-run,
+    never mixed into an artifact with parts from this code."""
+    libs = library_versions()
+    stale = {n: r for n, r in committed.items()
+             if r.code and (r.code.get("fingerprint") != code or r.code.get("libraries") != libs)}
+    return stale, sorted({k for r in stale.values() for k in _differences(r.code, code, libs)})

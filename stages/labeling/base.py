@@ -59,14 +59,7 @@ LABEL_SOURCES: Registry[type[LabelSource]] = Registry("label source", entry_poin
 
 def create_label_source(spec: dict[str, Any] | str | SourceParams) -> LabelSource:
     """Build a source from ``{"source": name, ...params}`` (or a bare name for its defaults)."""
-    if isinstance(spec, SourceParams):
-        spec = spec.model_dump()
-    if isinstance(spec, str):
-        spec = {"source": spec}
-    if "source" not in spec:
-        raise ValueError(f"a label source needs 'source' (one of: {', '.join(LABEL_SOURCES.names())})")
-    cls = LABEL_SOURCES.get(spec["source"])
-    return cls(cls.Params.model_validate(spec))
+    return LABEL_SOURCES.create(spec, "source")
 
 
 # ---- helpers the sources share: pure functions over arrays and tables -------------------------------------------

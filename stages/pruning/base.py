@@ -129,14 +129,7 @@ PRUNERS: Registry[type[Pruner]] = Registry("pruning method", entry_point_group="
 
 def create_pruner(spec: dict[str, Any] | str | PrunerParams) -> Pruner:
     """Build a method from ``{"method": name, ...params}`` (or a bare name for its defaults)."""
-    if isinstance(spec, PrunerParams):
-        spec = spec.model_dump()
-    if isinstance(spec, str):
-        spec = {"method": spec}
-    if "method" not in spec:
-        raise ValueError(f"a pruning method needs 'method' (one of: {', '.join(PRUNERS.names())})")
-    cls = PRUNERS.get(spec["method"])
-    return cls(cls.Params.model_validate(spec))
+    return PRUNERS.create(spec, "method")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -141,9 +141,4 @@ SOURCES: Registry[type[Source]] = Registry("source", entry_point_group="distille
 
 
 def create_source(spec: dict[str, Any] | SourceParams) -> Source:
-    if isinstance(spec, SourceParams):
-        spec = spec.model_dump()
-    if "kind" not in spec:
-        raise SourceError(f"source needs a 'kind' (one of: {', '.join(SOURCES.names())})")
-    cls = SOURCES.get(spec["kind"])
-    return cls(cls.Params.model_validate(spec))
+    return SOURCES.create(spec, "kind", SourceError)

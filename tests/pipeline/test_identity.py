@@ -63,8 +63,6 @@ def test_code_fingerprint_follows_imports_and_ignores_comments(plugin):
 
 
 def test_code_fingerprint_enters_the_artifact_id(tmp_path, monkeypatch):
-    import pipeline.runner as runner_mod
-
     base = artifact_id(tmp_path, "device-probe", {"tasks": 2})
-    monkeypatch.setattr(runner_mod, "code_fingerprint", lambda module: "edited")
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda module: "edited")
     assert artifact_id(tmp_path, "device-probe", {"tasks": 2}) != base

@@ -147,7 +147,7 @@ def test_independent_stages_run_at_the_same_time_and_a_failure_stops_only_what_f
 def test_steps_feeding_more_steps_go_first():
     """Concurrent stages share the cluster: the step with more steps downstream (the critical path) gets the higher
     task priority and is started first among ready steps."""
-    from pipeline.runner import downstream_counts
+    from pipeline.dag import downstream_counts
 
     m = PipelineManifest.model_validate({"name": "p", "output_dir": "/tmp/unused", "stages": [
         {"name": "a", "stage": "flaky"},
