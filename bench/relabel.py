@@ -35,6 +35,7 @@ from common import RESULTS, write_result  # noqa: E402
 RELABEL = re.compile(r"^relabel-(?:(?P<ext>ext)-)?(?P<source>[a-z]+)-(?P<pct>\d+)$")
 VAL = re.compile(r"^val-(?P<what>(?:ext-)?[a-z]+)(?:-(?P<pct>\d+))?$")
 LABELLER = {None: "out-of-fold", "ext": "external"}
+TEACHER = re.compile(r"^teacher(?:-[a-z]+)?(?:-\d+)?$")
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -100,6 +101,20 @@ def provenance(d: Path) -> dict[str, str]:
     m = _manifest(d)
     return {"artifact": d.resolve().name, "code_version": m.get("code_version"),
             "code_fingerprint": m.get("code_fingerprint")}
+
+
+def labellers(runs: list[Path]) -> dict[str, Any]:
+    """Each teacher step's test top-1 (clean test split) and, for K-fold ones, out-of-fold top-1 against the labels
+    it trained on (the noisy ones)."""
+    out: dict[str, Any] = {}
+    for name, d in steps(runs, TEACHER).items():
+        path = d / "metrics.json"
+        if path.exists():
+            mm = json.loads(path.read_text())
+            out[name] = {"test_top1": mm.get("test_top1_mean"), "oof_top1_vs_given": mm.get("oof_top1"),
+                         "n_train": sum(f.get("n_train", 0) for f in mm.get("folds", [])[:1]),
+                         "folds": len(mm.get("folds", [])), **provenance(d)}
+    return out
 
 
 def accuracies(runs: list[Path]) -> dict[str, Any]:
@@ -212,18 +227,21 @@ def main() -> None:
                        **provenance(d)}
         curves[name] = curve
     acc = accuracies(a.run)
+    teachers = labellers(a.run)
     png = RESULTS / f"{a.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(flags, curves, acc, png)
     from common import machine_load
 
-    out = write_result(a.name, {"runs": [str(r.resolve()) for r in a.run], "flags": flags, "accuracy": acc, "plot": png.name,
+    out = write_result(a.name, {"runs": [str(r.resolve()) for r in a.run], "flags": flags, "accuracy": acc, "labellers": teachers, "plot": png.name,
                                 "load": machine_load(),
                                 "note": "measured on a shared 2-core machine (other engineers' jobs running)"})
     for name, v in flags.items():
         print(f"{name:30s} P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} AUROC {v['auroc']} "
               f"est.noise {v['noise_rate_estimated']:.3f} (actual {v['noise_rate_actual']:.3f}) "
               f"labels right {v['label_accuracy_given']:.3f} -> {v['label_accuracy_after']:.3f}")
+    for name, v in teachers.items():
+        print(f"{name:30s} test top-1 {v['test_top1']}  out-of-fold top-1 vs given labels {v['oof_top1_vs_given']}")
     for name, v in acc.items():
         print(f"val-{name:16s} {v['top1_mean']:.2f} ± {v['top1_std']:.2f}" +
               (f"  gap recovered {v['gap_recovered']}" if "gap_recovered" in v else ""))
