@@ -33,7 +33,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, write_result  # noqa: E402
 
 RELABEL = re.compile(r"^relabel-(?:(?P<ext>ext)-)?(?P<source>[a-z]+)-(?P<pct>\d+)$")
-VAL = re.compile(r"^val-(?P<what>(?:ext-)?[a-z]+)(?:-(?P<pct>\d+))?$")
+VAL = re.compile(r"^val-(?P<what>[a-z]+(?:-[a-z]+)*)(?:-(?P<pct>\d+))?$")
 LABELLER = {None: "out-of-fold", "ext": "external"}
 TEACHER = re.compile(r"^teacher(?:-[a-z]+)?(?:-\d+)?$")
 
@@ -129,7 +129,7 @@ def accuracies(runs: list[Path]) -> dict[str, Any]:
     clean = rows.get("clean", {}).get("top1_mean")
     for pct in sorted({k.split("-")[-1] for k in rows if k.startswith("noisy-")}):
         noisy = rows.get(f"noisy-{pct}", {}).get("top1_mean")
-        for what in ("relabel", "drop", "ext-relabel", "ext-drop"):
+        for what in ("relabel", "relabel-hard", "drop", "ext-relabel", "ext-relabel-hard", "ext-drop"):
             r = rows.get(f"{what}-{pct}")
             if r and clean is not None and noisy is not None and clean != noisy:
                 r["gap_recovered"] = round((r["top1_mean"] - noisy) / (clean - noisy), 3)
