@@ -18,7 +18,7 @@ def flags_grid(pool: Path, flags: pa.Table, classes: list[str], path: Path, colu
 
     n = flags.num_rows
     rows_n = max(1, -(-n // columns))
-    text_h = 30
+    text_h = 42  # three lines: given, suggested, score and action (one line overflowed a cell)
     grid = Image.new("RGB", (columns * cell, 18 + rows_n * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((4, 3), f"most confident label-noise flags ({n}): given -> suggested, noise score", fill="black")
@@ -32,7 +32,8 @@ def flags_grid(pool: Path, flags: pa.Table, classes: list[str], path: Path, colu
             img = ImageOps.contain(Image.fromarray(decode(data, None)), (cell - 4, cell - 4), Image.NEAREST)
             grid.paste(img, (x + 2, y + 2))
             name = lambda c: classes[c][:9] if 0 <= c < len(classes) else str(c)  # noqa: E731
-            draw.text((x + 2, y + cell - 2), f"{name(f['given'])} -> {name(f['suggested'])}", fill="darkred")
-            draw.text((x + 2, y + cell + 11), f"{f['noise_score']:.2f} {f['action']}", fill="black")
+            draw.text((x + 2, y + cell - 2), name(f["given"]), fill="darkred")
+            draw.text((x + 2, y + cell + 10), f"-> {name(f['suggested'])}", fill="darkgreen")
+            draw.text((x + 2, y + cell + 22), f"{f['noise_score']:.2f} {f['action']}", fill="black")
     grid.save(path, format="PNG")
     return path
