@@ -217,7 +217,7 @@ def test_a_selection_is_labelled_on_its_kept_rows_and_rows_without_values_are_re
     assert m["counts"]["flagged"] == 0  # well separated clusters, correct labels
 
 
-@pytest.mark.parametrize("name", ["cifar10-noisy", "digits-noisy", "cifar10-curate"])
+@pytest.mark.parametrize("name", ["cifar10-noisy", "cifar10-noisy-gpu", "digits-noisy", "cifar10-curate"])
 def test_noise_manifests_load_and_bind_kinds(name):
     from pathlib import Path
 
