@@ -147,13 +147,40 @@ def accuracies(runs: list[Path]) -> dict[str, Any]:
     return rows
 
 
+KINDS = [("noisy", "noisy labels", "tab:red"), ("relabel", "out-of-fold relabel", "tab:blue"),
+         ("relabel-hard", "out-of-fold relabel (hard)", "lightsteelblue"), ("drop", "out-of-fold drop", "tab:cyan"),
+         ("ext-relabel", "external relabel (soft)", "tab:green"),
+         ("ext-relabel-hard", "external relabel (hard)", "yellowgreen"), ("ext-drop", "external drop", "tab:olive")]
+
+
+def _accuracy_bars(ax: Any, acc: dict[str, Any]) -> None:
+    """Grouped by noise rate, one bar per kind of training set; the clean pool as a line."""
+    pcts = sorted({int(k.rpartition("-")[2]) for k in acc if k.rpartition("-")[2].isdigit()})
+    kinds = [k for k in KINDS if any(f"{k[0]}-{p}" in acc for p in pcts)]
+    width = 0.8 / max(len(kinds), 1)
+    for j, (kind, label, color) in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i, p in enumerate(pcts) if f"{kind}-{p}" in acc]
+        rows = [acc[f"{kind}-{p}"] for p in pcts if f"{kind}-{p}" in acc]
+        ax.bar(xs, [r["top1_mean"] for r in rows], width, yerr=[r["top1_std"] for r in rows], color=color,
+               label=label)
+    if "clean" in acc:
+        ax.axhline(acc["clean"]["top1_mean"], color="black", ls="--", lw=1,
+                   label=f"clean labels ({acc['clean']['top1_mean']:.1f})")
+    ax.set_xticks(range(len(pcts)), [f"{p}% noise" for p in pcts])
+    lo = min(r["top1_mean"] - r["top1_std"] for r in acc.values())
+    ax.set_ylim(max(0, lo - 5), max(r["top1_mean"] for r in acc.values()) + 6)
+    ax.set(title="test top-1 (mean ± std over seeds)", ylabel="%")
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+
+
 def plot(flags: dict[str, Any], curves: dict[str, dict[str, np.ndarray]], acc: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
     pcts = sorted({v["pct"] for v in flags.values()})
-    fig = Figure(figsize=(4.2 * (len(pcts) + 1), 4))
+    fig = Figure(figsize=(4.2 * len(pcts) + 6.5, 4.2))
+    grid = fig.add_gridspec(1, len(pcts) + 1, width_ratios=[1] * len(pcts) + [1.6])
     for i, pct in enumerate(pcts):
-        ax = fig.add_subplot(1, len(pcts) + 1, i + 1)
+        ax = fig.add_subplot(grid[0, i])
         for name, v in sorted(flags.items()):
             if v["pct"] == pct and v["source"] != "drop":  # drop: the combined flags, another action
                 c = curves[name]
@@ -165,16 +192,9 @@ def plot(flags: dict[str, Any], curves: dict[str, dict[str, np.ndarray]], acc: d
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
         ax.legend(fontsize=6, loc="lower right")
-    ax = fig.add_subplot(1, len(pcts) + 1, len(pcts) + 1)
+    ax = fig.add_subplot(grid[0, len(pcts)])
     if acc:
-        names = list(acc)
-        ax.bar(range(len(names)), [acc[n]["top1_mean"] for n in names], yerr=[acc[n]["top1_std"] for n in names],
-               color=["tab:green" if n == "clean" else "tab:red" if n.startswith("noisy") else "tab:blue"
-                      for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set(title="test top-1 (mean ± std over seeds)", ylabel="%")
-        lo = min(acc[n]["top1_mean"] - acc[n]["top1_std"] for n in names)
-        ax.set_ylim(max(0, lo - 5), 100)
+        _accuracy_bars(ax, acc)
     else:
         ax.text(0.5, 0.5, "no val-* steps finished", ha="center")
     fig.tight_layout()
