@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import (
-    Artifact, ArtifactManifest, FileEntry, PartRecord, code_version, now_iso, step_identity,
-)
-from pipeline.atomic import sha256_file, symlink, write_json, write_text
+from pipeline.artifacts import Artifact, PartRecord, code_version, now_iso, step_identity
+from pipeline.atomic import symlink, write_json
 from pipeline.cluster import (
     ClusterError, load_config, profile_settings, task_resources, wait_any, worker_resources,
 )
+from pipeline.commit import finish_artifact
 from pipeline.config import PipelineManifest, ResolvedStage, resolve
 from pipeline.dag import downstream_counts, forced_closure, needed_by, run_dag
 from pipeline.errors import DistilleryError
@@ -42,12 +41,9 @@ from pipeline.events import EventLog
 from pipeline.lock import RunLock
 from pipeline.plans import PLAN_FILE, load_plan, save_plan
 from pipeline.progress import RunDisplay, StageProgress, progress_handler
-from pipeline.stage import (
-    CHECKPOINT_DIR, MAIN_PHASE, FinalizeContext, InputArtifact, PlanContext, Stage, Task, default_cache_dir,
-    part_name,
-)
+from pipeline.stage import MAIN_PHASE, InputArtifact, PlanContext, Stage, Task, default_cache_dir, part_name
 from pipeline.tasks import (  # noqa: F401  (execute_task, TaskSpec: re-exported for existing importers)
-    PROGRESS_TOPIC, TaskSpec, _failure, _json_line, execute_task, is_transient, stale_parts,
+    PROGRESS_TOPIC, TaskSpec, _failure, code_mismatch, execute_task, is_transient, report_failures, stale_parts,
 )
 
 RUN_FILE = "run.json"
@@ -300,26 +296,8 @@ class Runner:
                 shutil.rmtree(path, ignore_errors=True)  # failed before any work: leave no debris
             raise
 
-        tf = time.perf_counter()
-        fctx = FinalizeContext(out_dir=path, inputs=inputs, cache_dir=self.cache_dir)
-        summary = stage.finalize(ordered, step.params, fctx)
-        files = [FileEntry(path=f, sha256=sha256_file(path / f), bytes=(path / f).stat().st_size) for f in summary.files]
-        finalize_s = time.perf_counter() - tf
-
-        manifest = ArtifactManifest(
-            artifact_id=artifact_id, stage=stage.name, kind=stage.output_kind, name=step.name,
-            stage_version=stage.version,
-            params=step.params.model_dump(mode="json"), inputs=input_ids, fingerprint=fingerprint,
-            code_fingerprint=code, code_version=code_version(), created=now_iso(), counts=summary.counts,
-            parts=ordered, files=files,
-            timings={"plan_s": round(plan_s, 3), "run_s": round(run_s, 3), "finalize_s": round(finalize_s, 3),
-                     "task_s_sum": round(sum(p.seconds for p in ordered), 3)},
-            metrics=summary.metrics,
-        )
-        for scratch in (art.tmp_dir, path / CHECKPOINT_DIR):
-            if scratch.exists():
-                shutil.rmtree(scratch)
-        art.write_manifest(manifest)
+        summary = finish_artifact(stage, step, path, inputs, ordered, (artifact_id, input_ids, fingerprint, code),
+                                  {"plan_s": plan_s, "run_s": run_s}, self.cache_dir)
         self._link(step.name, path)
         seconds = time.perf_counter() - t0
         self.events.emit("stage_finished", stage=step.name, artifact=path.name, seconds=round(seconds, 2),
@@ -444,23 +422,13 @@ class Runner:
                                          attempts=attempts[task.id])
                         continue
                     if rec.code and rec.code.get("fingerprint") != code:
-                        failures[task.id] = {"task": task.id, "phase": phase, "attempts": attempts[task.id],
-                                             "error": "worker ran different code for this stage (code fingerprint "
-                                                      f"{rec.code.get('fingerprint', '')[:12]}, driver {code[:12]}): "
-                                                      "update the workers' installation"}
+                        failures[task.id] = code_mismatch(task, phase, attempts[task.id], rec.code, code)
                         (path / ".parts" / f"{part_name(phase, task.id)}.json").unlink(missing_ok=True)
                         continue
                     out[task.id] = rec
                     bar.advance(1, task.size)
         if failures:
-            order = {t.id: i for i, t in enumerate(tasks)}
-            failures = dict(sorted(failures.items(), key=lambda kv: order[kv[0]]))
-            write_text(path / FAILED_FILE, "".join(_json_line(f) for f in failures.values()))
-            listed = "; ".join(f"{tid}: {f['error']}" for tid, f in list(failures.items())[:5])
-            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-            raise RunError(f"stage {step.name}: {len(failures)} of {len(tasks)} tasks failed: {listed}{more}. "
-                           f"The other tasks are committed; details in {path / FAILED_FILE}; "
-                           "re-run to retry only the failed ones")
+            raise RunError(report_failures(step.name, path / FAILED_FILE, tasks, failures))
         return out
 
     @contextlib.contextmanager

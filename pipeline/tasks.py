@@ -137,3 +137,23 @@ def stale_parts(committed: dict[str, PartRecord], code: str) -> tuple[dict[str, 
     stale = {n: r for n, r in committed.items()
              if r.code and (r.code.get("fingerprint") != code or r.code.get("libraries") != libs)}
     return stale, sorted({k for r in stale.values() for k in _differences(r.code, code, libs)})
+
+
+def code_mismatch(task: Task, phase: str, attempts: int, part_code: dict[str, Any], code: str) -> dict[str, Any]:
+    """The failure record of a task whose worker ran other code for the stage than the driver planned with."""
+    return {"task": task.id, "phase": phase, "attempts": attempts,
+            "error": f"worker ran different code for this stage (code fingerprint "
+                     f"{part_code.get('fingerprint', '')[:12]}, driver {code[:12]}): update the workers' installation"}
+
+
+def report_failures(step: str, failed_file: Path, tasks: list[Task], failures: dict[str, dict[str, Any]]) -> str:
+    """Write ``failures`` (in plan order) to ``failed_file`` as JSON lines; the one-paragraph error for the run."""
+    from pipeline.atomic import write_text
+
+    order = {t.id: i for i, t in enumerate(tasks)}
+    failures = dict(sorted(failures.items(), key=lambda kv: order[kv[0]]))
+    write_text(failed_file, "".join(_json_line(f) for f in failures.values()))
+    listed = "; ".join(f"{tid}: {f['error']}" for tid, f in list(failures.items())[:5])
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    return (f"stage {step}: {len(failures)} of {len(tasks)} tasks failed: {listed}{more}. The other tasks are "
+            f"committed; details in {failed_file}; re-run to retry only the failed ones")
