@@ -146,20 +146,21 @@ def external_probs(teacher: Path, data: Path, rows: pa.Table, classes: list[str]
     folds = sorted((teacher / "teachers").glob("fold_*.pt"))
     if not folds:
         raise InputError(f"{teacher}: no teacher checkpoints (teachers/fold_*.pt)")
+    models = [load_teacher(teacher, f) for f in range(len(folds))]
+    for model in models:
+        if list(model.meta.get("classes") or classes) != list(classes):
+            raise InputError(f"{teacher}: the teacher predicts the classes {model.meta['classes'][:5]}..., the pool "
+                             f"has {classes[:5]}...")
     out = np.zeros((len(pos), len(classes)), dtype=np.float64)
     groups: dict[tuple[str, int], list[int]] = {}
     for i, (split, shard) in enumerate(zip(located["split"].to_pylist(), located["shard"].to_pylist())):
         groups.setdefault((split, shard), []).append(i)
-    for f in range(len(folds)):
-        model = load_teacher(teacher, f)
-        if list(model.meta.get("classes") or classes) != list(classes):
-            raise InputError(f"{teacher}: the teacher predicts the classes {model.meta['classes'][:5]}..., the pool "
-                             f"has {classes[:5]}...")
-        for (split, _), members in sorted(groups.items()):
-            for a in range(0, len(members), batch):
-                chunk = members[a:a + batch]
-                images = decode_rows(pool, split, located.take(pa.array(chunk)).to_pylist(), size)
-                out[chunk] += torch.softmax(model.logits(torch.from_numpy(images), dev), 1).double().numpy()
+    for (split, _), members in sorted(groups.items()):
+        for a in range(0, len(members), batch):
+            chunk = members[a:a + batch]
+            images = torch.from_numpy(decode_rows(pool, split, located.take(pa.array(chunk)).to_pylist(), size))
+            for model in models:  # each image decoded once, whatever the number of folds
+                out[chunk] += torch.softmax(model.logits(images, dev), 1).double().numpy()
     return out / len(folds)
 
 
