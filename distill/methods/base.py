@@ -102,7 +102,7 @@ class DistillMethod(Generic[P]):
 
     def learned_lr(self, state: MethodState) -> float | None:
         lr = state.tensors.get("lr")
-        return float(lr) if lr is not None else None
+        return float(lr.detach()) if lr is not None else None
 
     def result(self, state: MethodState, params: P, ctx: DistillContext) -> SetOutput:
         raise NotImplementedError

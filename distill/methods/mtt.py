@@ -92,7 +92,7 @@ class MTT(DistillMethod[MTTParams]):
             if state.extra["bad_in_a_row"] >= params.max_bad_steps:
                 raise FloatingPointError(f"mtt: {params.max_bad_steps} iterations in a row gave a non-finite loss "
                                          f"or gradient (lr_img {params.lr_img} too high? bad experts?)")
-            return {"loss": float("nan"), "lr": float(lr), "skipped": 1.0}
+            return {"loss": float("nan"), "lr": float(lr.detach()), "skipped": 1.0}
         state.extra["bad_in_a_row"] = 0
         for name, t, g in (("images", images, res.grad_images), ("lr", lr, res.grad_lr)):
             state.optimizers[name].zero_grad(set_to_none=True)
@@ -100,7 +100,7 @@ class MTT(DistillMethod[MTTParams]):
             state.optimizers[name].step()
         with torch.no_grad():
             lr.clamp_(min=params.min_lr)
-        return {"loss": res.loss, "lr": float(lr), "expert": float(expert), "start_epoch": float(start_epoch)}
+        return {"loss": res.loss, "lr": float(lr.detach()), "expert": float(expert), "start_epoch": float(start_epoch)}
 
     def result(self, state: MethodState, params: MTTParams, ctx: DistillContext) -> SetOutput:
         return SetOutput(state.tensors["images"].detach().cpu().float(), ctx.init_labels.cpu(),
